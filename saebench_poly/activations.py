@@ -1,0 +1,139 @@
+"""The one activation pass: each batch runs through the model once, and the activations at every needed hook feed
+every entry and every accumulator. Nothing larger than one batch's activations and codes is ever held.
+
+Downstream statistics need the model re-run with a hook's activations replaced: once per hook for the
+zero-ablation and once per entry for its reconstruction (from the hook's block onwards where the adapter can).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from saebench_poly.metrics.base import Accumulator, DownstreamBatch, EntryBatch
+from saebench_poly.metrics.downstream import kl_per_position, next_token_statistics
+from saebench_poly.models.base import Batch, ModelAdapter
+from saebench_poly.sources.base import Entry
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ScoredEntry:
+    """An entry and the accumulators that score it."""
+
+    entry: Entry
+    accumulators: list[Accumulator] = field(default_factory=list)
+
+    @property
+    def needs_downstream(self) -> bool:
+        return any(a.needs_downstream for a in self.accumulators)
+
+
+@dataclass
+class Moments:
+    """Streaming mean and covariance of a hook's activations in float64 (Chan et al.'s pairwise update of the
+    co-moment matrix C = sum_t (x_t - mean)(x_t - mean)^T)."""
+
+    count: int = 0
+    mean: torch.Tensor | None = None
+    comoment: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(dim=0)
+        centered = x - mean_b
+        comoment_b = centered.T @ centered
+        if self.mean is None:
+            self.count, self.mean, self.comoment = n_b, mean_b, comoment_b
+            return
+        total = self.count + n_b
+        delta = mean_b - self.mean
+        self.comoment = self.comoment + comoment_b + torch.outer(delta, delta) * (self.count * n_b / total)
+        self.mean = self.mean + delta * (n_b / total)
+        self.count = total
+
+    def covariance(self) -> torch.Tensor:
+        return self.comoment / max(self.count - 1, 1)
+
+
+def fit_baselines(adapter: ModelAdapter, entries: list[Entry], batches: Iterable[Batch], progress: Progress | None = None) -> None:
+    """Fit the entries that need it (PCA) on held-out batches: one model pass, one `Moments` per hook."""
+    to_fit = [e for e in entries if e.needs_fit]
+    if not to_fit:
+        return
+    moments = {e.hook: Moments() for e in to_fit}
+    with torch.no_grad():
+        for batch in batches:
+            batch = batch.to(adapter.device)
+            output = adapter.forward(batch, sorted(moments))
+            for hook, accumulator in moments.items():
+                accumulator.update(output.activations[hook][batch.score_mask])
+            if progress:
+                progress(int(batch.score_mask.sum()))
+    for entry in to_fit:
+        hook_moments = moments[entry.hook]
+        if hook_moments.count < 2:
+            raise ValueError(f"no held-out activations to fit {entry.name}: raise fit_tokens")
+        entry.fit(hook_moments.mean, hook_moments.covariance())
+
+
+def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Batch], progress: Progress | None = None) -> int:
+    """Feed every batch to every entry's accumulators; returns the number of tokens scored."""
+    hooks = sorted({s.entry.hook for s in scored})
+    downstream_hooks = sorted({s.entry.hook for s in scored if s.needs_downstream})
+    tokens = 0
+    with torch.no_grad():
+        for batch in batches:
+            batch = batch.to(adapter.device)
+            mask = batch.score_mask
+            clean = adapter.forward(batch, hooks)
+            activations = {hook: clean.activations[hook][mask] for hook in hooks}
+            positions = mask[:, :-1]
+            ce_clean = ce_zero = None
+            if downstream_hooks:
+                ce_clean = next_token_statistics(clean.logits, batch.inputs, positions)
+                ce_zero = {
+                    hook: next_token_statistics(
+                        adapter.forward_with_replacement(batch, clean, hook, _spliced(mask, None)), batch.inputs, positions
+                    )
+                    for hook in downstream_hooks
+                }
+            for item in scored:
+                entry = item.entry
+                x = activations[entry.hook]
+                z = entry.encode(x)
+                x_hat = entry.decode(z)
+                downstream = None
+                if item.needs_downstream:
+                    logits = adapter.forward_with_replacement(batch, clean, entry.hook, _spliced(mask, x_hat))
+                    downstream = DownstreamBatch(
+                        ce_clean=ce_clean,
+                        ce_spliced=next_token_statistics(logits, batch.inputs, positions),
+                        ce_zero_ablated=ce_zero[entry.hook],
+                        kl=kl_per_position(clean.logits, logits, positions),
+                    )
+                entry_batch = EntryBatch(x=x, z=z, x_hat=x_hat, downstream=downstream)
+                for accumulator in item.accumulators:
+                    accumulator.update(entry_batch)
+            scored_here = int(mask.sum())
+            tokens += scored_here
+            if progress:
+                progress(scored_here)
+    return tokens
+
+
+def _spliced(mask: torch.Tensor, values: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A replacement that writes ``values`` (zeros when None) at the scored positions and keeps the rest."""
+
+    def replace(activations: torch.Tensor) -> torch.Tensor:
+        replaced = activations.clone()
+        replaced[mask] = 0 if values is None else values.to(replaced.dtype)
+        return replaced
+
+    return replace

@@ -1,0 +1,14 @@
+"""The one exception type for user mistakes.
+
+A `UserError` is reported by the CLI as a single line (what is wrong and what to do) with a non-zero exit and no
+traceback. Anything else that escapes is a bug in saebench_poly and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a path, a spec, a checkpoint, a name): one line, no traceback."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -1,0 +1,135 @@
+"""Core metrics of every entry: sparsity of the code and fidelity of the reconstruction.
+
+Notation: N scored tokens, x_t in R^d the activations at the entry's hook, z_t in R^m the code, x_hat_t the
+reconstruction. A unit is *active* on a token when z_ti != 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec
+
+DENSE_THRESHOLD = 0.1
+
+
+class Sparsity(Accumulator):
+    """L0 = (1/N) sum_t #{i : z_ti != 0}; f_i = (1/N) #{t : z_ti != 0} (firing frequency);
+    dead fraction = #{i : f_i = 0} / m; dense fraction = #{i : f_i > 0.1} / m."""
+
+    metrics = (
+        MetricSpec("l0", 1, "neutral", "sparsity", "mean number of active units per token"),
+        MetricSpec("dead_fraction", 1, "lower", "sparsity", "fraction of units never active on the scored tokens"),
+        MetricSpec("dense_fraction", 1, "lower", "sparsity", f"fraction of units active on more than {DENSE_THRESHOLD:.0%} of tokens"),
+    )
+
+    def __init__(self, entry, adapter) -> None:
+        super().__init__(entry, adapter)
+        self.tokens = 0
+        self.active_counts: torch.Tensor | None = None
+        self.max_activation: torch.Tensor | None = None
+
+    def update(self, batch: EntryBatch) -> None:
+        active = batch.z.detach() != 0
+        counts = active.sum(dim=0, dtype=torch.int64)
+        maxima = batch.z.detach().amax(dim=0).to(torch.float64) if batch.z.shape[0] else None
+        if self.active_counts is None:
+            self.active_counts = torch.zeros_like(counts)
+            self.max_activation = torch.full_like(counts, float("-inf"), dtype=torch.float64)
+        self.active_counts += counts
+        if maxima is not None:
+            self.max_activation = torch.maximum(self.max_activation, maxima)
+        self.tokens += batch.z.shape[0]
+
+    def firing_frequency(self) -> torch.Tensor:
+        return self.active_counts.to(torch.float64) / self.tokens
+
+    def compute(self) -> dict[str, float]:
+        frequency = self.firing_frequency()
+        return {
+            "l0": float(frequency.sum()),
+            "dead_fraction": float((self.active_counts == 0).to(torch.float64).mean()),
+            "dense_fraction": float((frequency > DENSE_THRESHOLD).to(torch.float64).mean()),
+        }
+
+    def unit_values(self) -> dict[str, torch.Tensor]:
+        return {"firing_frequency": self.firing_frequency(), "max_activation": self.max_activation}
+
+
+class Reconstruction(Accumulator):
+    """Fidelity of x_hat to x, all sums in float64:
+
+    - mse = sum_t ||x_t - x_hat_t||^2 / (N d)  (per element, so it does not depend on batch size);
+    - fvu = sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mu||^2 with mu the per-dimension mean over the scored tokens
+      (merged across batches with Chan et al.'s parallel variance update), so a constant shift of x leaves it
+      unchanged;
+    - cosine_similarity = mean over tokens with x_t != 0 of cos(x_t, x_hat_t) (0 when x_hat_t = 0);
+    - relative_l2_error = mean over tokens with x_t != 0 of ||x_t - x_hat_t|| / ||x_t||;
+    - l2_norm_ratio = mean over tokens with x_t != 0 of ||x_hat_t|| / ||x_t|| (SAEBench's l2_ratio; 1 is ideal,
+      below 1 is shrinkage).
+    """
+
+    metrics = (
+        MetricSpec("mse", 1, "lower", "distortion", "sum_t ||x_t - x_hat_t||^2 / (N d)"),
+        MetricSpec("fvu", 1, "lower", "distortion", "sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2, per-dimension mean"),
+        MetricSpec("cosine_similarity", 1, "higher", "distortion", "mean_t cos(x_t, x_hat_t) over tokens with x_t != 0"),
+        MetricSpec("relative_l2_error", 1, "lower", "distortion", "mean_t ||x_t - x_hat_t|| / ||x_t|| over tokens with x_t != 0"),
+        MetricSpec("l2_norm_ratio", 1, "neutral", "distortion", "mean_t ||x_hat_t|| / ||x_t|| over tokens with x_t != 0 (1 is ideal)"),
+    )
+
+    def __init__(self, entry, adapter) -> None:
+        super().__init__(entry, adapter)
+        self.tokens = 0
+        self.nonzero_tokens = 0
+        self.squared_error = 0.0
+        self.cosine_sum = 0.0
+        self.relative_error_sum = 0.0
+        self.norm_ratio_sum = 0.0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, batch: EntryBatch) -> None:
+        x = batch.x.detach().to(torch.float64)
+        x_hat = batch.x_hat.detach().to(torch.float64)
+        n = x.shape[0]
+        if n == 0:
+            return
+        error = x - x_hat
+        self.squared_error += float(error.square().sum())
+        self._merge_moments(x)
+        x_norm = x.norm(dim=1)
+        keep = x_norm > 0
+        x_norm = x_norm[keep]
+        hat_norm = x_hat[keep].norm(dim=1)
+        dot = (x[keep] * x_hat[keep]).sum(dim=1)
+        cosine = torch.where(hat_norm > 0, dot / (x_norm * hat_norm).clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        self.cosine_sum += float(cosine.sum())
+        self.relative_error_sum += float((error[keep].norm(dim=1) / x_norm).sum())
+        self.norm_ratio_sum += float((hat_norm / x_norm).sum())
+        self.nonzero_tokens += int(keep.sum())
+        self.tokens += n
+
+    def _merge_moments(self, x: torch.Tensor) -> None:
+        """Chan, Golub & LeVeque (1979): merge a batch's per-dimension mean and M2 into the running ones."""
+        n_b = x.shape[0]
+        mean_b = x.mean(dim=0)
+        m2_b = (x - mean_b).square().sum(dim=0)
+        if self.mean is None:
+            self.mean, self.m2 = mean_b, m2_b
+            return
+        n_a = self.tokens
+        total = n_a + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / total)
+        self.m2 = self.m2 + m2_b + delta.square() * (n_a * n_b / total)
+
+    def compute(self) -> dict[str, float]:
+        total_variance = float(self.m2.sum())
+        nonzero = max(self.nonzero_tokens, 1)
+        return {
+            "mse": self.squared_error / (self.tokens * self.entry.d_in),
+            "fvu": self.squared_error / total_variance if total_variance > 0 else float("nan"),
+            "cosine_similarity": self.cosine_sum / nonzero,
+            "relative_l2_error": self.relative_error_sum / nonzero,
+            "l2_norm_ratio": self.norm_ratio_sum / nonzero,
+        }

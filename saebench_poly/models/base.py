@@ -1,0 +1,109 @@
+"""What every model adapter provides to the activation pass.
+
+An adapter wraps one model (transformer-lens, Hugging Face, or a toy model) behind the same small interface:
+run a batch once and return the activations at the requested hooks; optionally re-run it with one hook's
+activations replaced (for the downstream cost of a reconstruction).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass
+class Batch:
+    """One batch of model inputs.
+
+    ``inputs``: token ids ``[batch, context]`` for language models, feature values ``[batch, n_features]`` for toy
+    models. ``score_mask``: ``[batch, positions]`` bool, True where a position is scored (BOS is not).
+    """
+
+    inputs: torch.Tensor
+    score_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.inputs.to(device), self.score_mask.to(device))
+
+
+@dataclass
+class ForwardOutput:
+    """The clean pass of one batch: activations ``[batch, positions, width]`` per hook, the logits
+    ``[batch, positions, vocab]`` when the model is a language model, and adapter-private state that lets a spliced
+    re-run start part-way (``resume``)."""
+
+    activations: dict[str, torch.Tensor]
+    logits: torch.Tensor | None = None
+    resume: dict[str, Any] = field(default_factory=dict)
+
+
+Replacement = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ModelAdapter(ABC):
+    """A model the benchmark can run. Subclasses set ``model_id``, ``revision`` and ``family``."""
+
+    model_id: str
+    revision: str | None = None
+    family: str = "unknown"
+    supports_downstream: bool = False
+
+    @abstractmethod
+    def hook_names(self) -> list[str]:
+        """Every hook this model can report."""
+
+    @abstractmethod
+    def hook_width(self, hook: str) -> int:
+        """Width of the activations at ``hook``; a `UserError` naming close hooks when the model has no such hook."""
+
+    @abstractmethod
+    def forward(self, batch: Batch, hooks: Sequence[str]) -> ForwardOutput:
+        """Run the model once on ``batch`` and capture ``hooks`` (plus what `forward_with_replacement` needs)."""
+
+    def comparison_neuron_hook(self, hook: str) -> str | None:
+        """The hook of the raw neurons that an SAE at ``hook`` is compared with (None if the model has none)."""
+        return None
+
+    def forward_with_replacement(
+        self, batch: Batch, clean: ForwardOutput, hook: str, replacement: Replacement
+    ) -> torch.Tensor:
+        """Logits ``[batch, positions, vocab]`` with the activations at ``hook`` replaced by
+        ``replacement(activations)``; only for adapters with ``supports_downstream``."""
+        raise NotImplementedError(f"{self.family} models do not support spliced forward passes")
+
+    def synthetic_batches(self, n_samples: int, batch_size: int, seed: int) -> Iterator[Batch]:
+        """Batches of inputs that the model samples itself (toy models only), deterministic for a seed."""
+        raise NotImplementedError(f"{self.family} models do not sample their own inputs: give the spec a dataset")
+
+    def true_feature_directions(self, hook: str) -> torch.Tensor | None:
+        """``[n_features, width]`` directions of the model's known true features at ``hook`` (toy models only)."""
+        return None
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the model's weights live."""
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance of the model for leaderboard rows."""
+        return {"model_id": self.model_id, "model_revision": self.revision or "", "model_family": self.family}
+
+
+class ModelConfig(BaseModel):
+    """The model of a benchmark spec.
+
+    ``loader`` names a registered model loader; ``name`` is a hub id or a local folder (relative paths resolve
+    against the spec's folder); ``options`` are the loader's own settings (for example a toy model's size).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    loader: str
+    name: str
+    revision: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)

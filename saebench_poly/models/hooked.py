@@ -1,0 +1,180 @@
+"""transformer-lens `HookedTransformer` models: from the hub by name, or from a local folder.
+
+A local folder holds ``config.json`` (the `HookedTransformerConfig` fields) and ``model.safetensors`` (the state
+dict), plus optionally a Hugging Face tokenizer's files; `save_hooked_transformer` writes one. Hooks are
+transformer-lens hook names (``blocks.0.mlp.hook_post``); activations with a head axis (``attn.hook_z``) are
+flattened to ``[batch, positions, heads * d_head]`` as sae-lens does for its ``hook_z`` SAEs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saebench_poly.errors import UserError, first_line
+from saebench_poly.hub import is_offline_error
+from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, Replacement
+
+CONFIG_FILENAME = "config.json"
+WEIGHTS_FILENAME = "model.safetensors"
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def save_hooked_transformer(model: Any, folder: str | Path) -> Path:
+    """Write ``model`` (a `HookedTransformer`) as a local folder that `load_hooked_transformer` reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v) for k, v in model.cfg.to_dict().items()}
+    (folder / CONFIG_FILENAME).write_text(json.dumps(config, indent=1, default=str))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILENAME)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _load_local(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config_path, weights_path = folder / CONFIG_FILENAME, folder / WEIGHTS_FILENAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise UserError(f"{folder} is not a transformer-lens model folder: {path.name} is missing")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    known = HookedTransformerConfig.__dataclass_fields__
+    raw = {k: v for k, v in raw.items() if k in known and k not in ("n_params", "device")}
+    raw["dtype"] = dtype
+    raw["device"] = str(device)
+    try:
+        cfg = HookedTransformerConfig(**raw)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise UserError(f"{config_path} is not a valid HookedTransformerConfig: {err}") from None
+    tokenizer = _local_tokenizer(folder)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    state = load_file(weights_path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"{weights_path} does not match {config_path}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    return model.to(dtype, print_details=False).to(device, print_details=False)
+
+
+def _local_tokenizer(folder: Path) -> Any:
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _load_from_hub(name: str, revision: str | None, device: torch.device, dtype: torch.dtype) -> Any:
+    from transformer_lens import HookedTransformer
+
+    try:
+        return HookedTransformer.from_pretrained(name, revision=revision, device=str(device), dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - the hub stack raises many types; all mean "could not fetch"
+        if is_offline_error(err):
+            raise UserError(
+                f"model {name!r} could not be loaded: the Hugging Face hub is unreachable "
+                "(offline); pass a local model folder instead"
+            ) from None
+        raise UserError(f"model {name!r} could not be loaded by transformer-lens: {first_line(err)}") from None
+
+
+class HookedTransformerAdapter(ModelAdapter):
+    """A transformer-lens model. Splicing restarts at the hook's block from the cached ``hook_resid_pre``
+    (``start_at_layer``), so a reconstruction's downstream cost re-runs only the layers at and after it."""
+
+    family = "transformer_lens"
+    supports_downstream = True
+
+    def __init__(self, model: Any, model_id: str, revision: str | None) -> None:
+        self.model = model.eval()
+        self.model_id = model_id
+        self.revision = revision
+        self.tokenizer = model.tokenizer
+        self._widths: dict[str, int] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def hook_names(self) -> list[str]:
+        return sorted(self.model.hook_dict)
+
+    def hook_width(self, hook: str) -> int:
+        if hook not in self.model.hook_dict:
+            close = difflib.get_close_matches(hook, list(self.model.hook_dict), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; `saebench-poly hooks` lists them"
+            raise UserError(f"model {self.model_id!r} has no hook {hook!r}{hint}")
+        if hook not in self._widths:
+            tokens = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+            with torch.no_grad():
+                _, cache = self.model.run_with_cache(tokens, names_filter=[hook])
+            self._widths[hook] = int(cache[hook][0, 0].numel())
+        return self._widths[hook]
+
+    def comparison_neuron_hook(self, hook: str) -> str | None:
+        """``blocks.L.*`` -> ``blocks.L.mlp.hook_post``: the MLP hidden units of the same block (None for
+        attention-only models or hooks outside a block)."""
+        match = _BLOCK_HOOK.match(hook)
+        if match is None or self.model.cfg.attn_only:
+            return None
+        return f"blocks.{match.group(1)}.mlp.hook_post"
+
+    def forward(self, batch: Batch, hooks: Sequence[str]) -> ForwardOutput:
+        resume_hooks = {self._resume_hook(h) for h in hooks} - {None}
+        names = sorted(set(hooks) | resume_hooks)
+        with torch.no_grad():
+            logits, cache = self.model.run_with_cache(batch.inputs, names_filter=names)
+        acts = {h: _flatten_heads(cache[h]) for h in hooks}
+        return ForwardOutput(activations=acts, logits=logits, resume={h: cache[h] for h in resume_hooks})
+
+    def forward_with_replacement(
+        self, batch: Batch, clean: ForwardOutput, hook: str, replacement: Replacement
+    ) -> torch.Tensor:
+        def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001 - transformer-lens signature
+            return replacement(_flatten_heads(act)).reshape(act.shape).to(act.dtype)
+
+        start_hook = self._resume_hook(hook)
+        with torch.no_grad():
+            if start_hook is None:
+                return self.model.run_with_hooks(batch.inputs, fwd_hooks=[(hook, replace)])
+            layer = int(_BLOCK_HOOK.match(hook).group(1))  # type: ignore[union-attr]
+            return self.model.run_with_hooks(
+                clean.resume[start_hook], start_at_layer=layer, tokens=batch.inputs, fwd_hooks=[(hook, replace)]
+            )
+
+    @staticmethod
+    def _resume_hook(hook: str) -> str | None:
+        match = _BLOCK_HOOK.match(hook)
+        return f"blocks.{match.group(1)}.hook_resid_pre" if match else None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "tokenizer": getattr(self.tokenizer, "name_or_path", "") or ""}
+
+
+def _flatten_heads(act: torch.Tensor) -> torch.Tensor:
+    return act.reshape(*act.shape[:2], -1)
+
+
+def load_hooked_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> HookedTransformerAdapter:
+    """A transformer-lens model from a local folder (``config.json`` + ``model.safetensors``) or the hub."""
+    if cfg.options:
+        raise UserError(f"the transformer_lens model loader takes no options (got {sorted(cfg.options)})")
+    folder = Path(cfg.name)
+    if folder.is_dir():
+        return HookedTransformerAdapter(_load_local(folder, device, dtype), model_id=folder.name, revision=cfg.revision)
+    if folder.is_absolute() or cfg.name.startswith("."):
+        raise UserError(f"model folder {cfg.name} does not exist")
+    return HookedTransformerAdapter(_load_from_hub(cfg.name, cfg.revision, device, dtype), cfg.name, cfg.revision)

@@ -1,0 +1,196 @@
+"""What is scored: an `Entry` maps the activations ``x`` at one hook to a code ``z`` and a reconstruction.
+
+Two kinds exist. `SAEEntry` wraps any sae-lens `SAE` (its own ``encode``/``decode``, so every architecture's
+preprocessing is honoured). `BasisEntry` is a dense orthonormal basis B (rows are directions) with a centre c:
+``z = (x - c) B^T`` and ``x_hat = z B + c``; the raw neurons (B = I, c = 0), PCA and random rotations are such bases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from saebench_poly.models.base import ModelAdapter
+
+
+@dataclass
+class SourceContext:
+    """What a source needs to build its entry: the model (to check hooks), where to put it, the run's seed, the
+    folder that relative paths resolve against, the hook the spec gives this entry (overrides a checkpoint's own)
+    and the spec's default hook (used when a checkpoint names none)."""
+
+    adapter: ModelAdapter
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    base_dir: Path
+    hook: str | None = None
+    default_hook: str | None = None
+
+
+class Entry(ABC):
+    """One dictionary being scored. ``kind`` is ``sae`` or the baseline's name."""
+
+    name: str
+    uri: str
+    kind: str
+    hook: str
+    architecture: str
+    d_in: int
+    width: int
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Code ``[tokens, width]`` for activations ``[tokens, d_in]``."""
+
+    @abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``[tokens, d_in]`` of a code."""
+
+    @abstractmethod
+    def decoder_directions(self) -> torch.Tensor:
+        """``[width, d_in]``: the direction each unit writes to in the hook's space."""
+
+    @abstractmethod
+    def weights_sha256(self) -> str:
+        """sha256 of the weights that define the entry (the checkpoint file for ``disk:``)."""
+
+    @abstractmethod
+    def to(self, device: torch.device, dtype: torch.dtype) -> Entry:
+        """Move the entry's weights; returns self."""
+
+    @property
+    def needs_fit(self) -> bool:
+        """True when the entry is fitted on held-out activations (PCA) before scoring."""
+        return False
+
+    def fit(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        """Fit on the held-out activations' mean and covariance (float64)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"entry": self.name, "source_uri": self.uri, "entry_kind": self.kind, "hook": self.hook,
+                "architecture": self.architecture, "d_in": self.d_in, "width": self.width}
+
+
+class SAEEntry(Entry):
+    """A sae-lens SAE of any architecture, scored through its own ``encode`` and ``decode``."""
+
+    kind = "sae"
+
+    def __init__(self, sae: Any, name: str, uri: str, hook: str, sha256: str | None = None) -> None:
+        self.sae = sae.eval()
+        self.name, self.uri, self.hook = name, uri, hook
+        self.architecture = sae.cfg.architecture()
+        self.d_in, self.width = int(sae.cfg.d_in), int(sae.cfg.d_sae)
+        self._sha256 = sha256
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> SAEEntry:
+        self.sae = self.sae.to(device=device, dtype=dtype)
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(z)
+
+    def decoder_directions(self) -> torch.Tensor:
+        return self.sae.W_dec.detach()
+
+    def weights_sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = tensors_sha256(self.sae.state_dict())
+        return self._sha256
+
+
+@dataclass
+class BasisEntry(Entry):
+    """A dense orthonormal basis (rows of ``basis``) with centre ``center``."""
+
+    name: str
+    uri: str
+    kind: str
+    hook: str
+    basis: torch.Tensor | None
+    center: torch.Tensor | None = None
+    architecture: str = field(init=False)
+    d_in: int = 0
+    width: int = 0
+
+    def __post_init__(self) -> None:
+        self.architecture = self.kind
+        if self.basis is not None:
+            self.width, self.d_in = self.basis.shape
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.basis is None
+
+    def fit(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        """PCA: eigenvectors of the covariance, by decreasing eigenvalue, with signs fixed so that each vector's
+        largest-magnitude coordinate is positive (a deterministic basis)."""
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        order = torch.argsort(eigenvalues, descending=True)
+        vectors = eigenvectors[:, order].T
+        signs = torch.sign(vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)))
+        self.basis = (vectors * signs).to(torch.float32)
+        self.center = mean.to(torch.float32)
+        self.width, self.d_in = self.basis.shape
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> BasisEntry:
+        assert self.basis is not None, "fit the basis before moving it"
+        self.basis = self.basis.to(device=device, dtype=dtype)
+        if self.center is not None:
+            self.center = self.center.to(device=device, dtype=dtype)
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        centered = x if self.center is None else x - self.center
+        return centered @ self.basis.T
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        x_hat = z @ self.basis
+        return x_hat if self.center is None else x_hat + self.center
+
+    def decoder_directions(self) -> torch.Tensor:
+        return self.basis
+
+    def weights_sha256(self) -> str:
+        tensors = {"basis": self.basis}
+        if self.center is not None:
+            tensors["center"] = self.center
+        return tensors_sha256(tensors)
+
+
+class NeuronEntry(BasisEntry):
+    """The raw units at a hook: the identity basis, so ``z = x`` and ``x_hat = x`` (computed without a matmul)."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors serialised as safetensors (float32, CPU, keys sorted): stable across devices."""
+    canonical = {k: tensors[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(tensors)}
+    return hashlib.sha256(safetensors_bytes(canonical)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+__all__ = ["BasisEntry", "Entry", "NeuronEntry", "SAEEntry", "SourceContext", "file_sha256", "tensors_sha256"]

@@ -1,0 +1,104 @@
+"""SAEs loaded by sae-lens: pretrained releases (``sae_lens:<release>/<sae_id>``) and checkpoint folders
+(``disk:<path>``, a ``cfg.json`` plus ``sae_weights.safetensors``, any architecture sae-lens registers)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saebench_poly.errors import UserError, first_line
+from saebench_poly.hub import is_offline_error
+from saebench_poly.sources.base import SAEEntry, SourceContext, file_sha256
+
+SAE_CONFIG_FILENAME = "cfg.json"
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+
+def load_disk(argument: str, context: SourceContext) -> SAEEntry:
+    """A sae-lens checkpoint folder; relative paths resolve against the spec's folder. The recorded sha256 is
+    that of ``sae_weights.safetensors``."""
+    folder = Path(argument).expanduser()
+    folder = folder if folder.is_absolute() else context.base_dir / folder
+    if not folder.exists():
+        raise UserError(f"SAE checkpoint {argument!r} does not exist (looked at {folder})")
+    for name in (SAE_CONFIG_FILENAME, SAE_WEIGHTS_FILENAME):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder} is not a sae-lens checkpoint: {name} is missing (save with SAE.save_model)")
+    try:
+        architecture = json.loads((folder / SAE_CONFIG_FILENAME).read_text()).get("architecture", "standard")
+        sae = _load_inference_sae(folder, architecture, context.device)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a broken checkpoint can fail anywhere inside sae-lens
+        raise UserError(f"SAE checkpoint {folder} could not be loaded: {first_line(err)}") from None
+    uri = f"disk:{argument}"
+    return _checked_entry(sae, name=folder.name, uri=uri, context=context, sha256=file_sha256(folder / SAE_WEIGHTS_FILENAME))
+
+
+def _load_inference_sae(folder: Path, architecture: str, device: torch.device) -> Any:
+    """The inference SAE in ``folder``. A training-only architecture (``batchtopk``, ``matryoshka_batchtopk``,
+    saved from a `TrainingSAE`) is converted as sae-lens converts it (``save_inference_model``: BatchTopK becomes
+    JumpReLU with its learned threshold), so that scoring never depends on the batch."""
+    from sae_lens import SAE, TrainingSAE
+    from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+    if architecture in SAE_CLASS_REGISTRY:
+        return SAE.load_from_disk(folder, device=str(device))
+    if architecture not in SAE_TRAINING_CLASS_REGISTRY:
+        known = sorted(set(SAE_CLASS_REGISTRY) | set(SAE_TRAINING_CLASS_REGISTRY))
+        raise UserError(f"{folder}/cfg.json names architecture {architecture!r}, which sae-lens does not know ({', '.join(known)})")
+    training_sae = TrainingSAE.load_from_disk(folder, device=str(device))
+    with tempfile.TemporaryDirectory(prefix=".saebench-tmp-") as converted:
+        training_sae.save_inference_model(converted)
+        return SAE.load_from_disk(converted, device=str(device))
+
+
+def load_pretrained(argument: str, context: SourceContext) -> SAEEntry:
+    """``<release>/<sae_id>`` through `sae_lens.SAE.from_pretrained` (needs the Hugging Face hub)."""
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    release, sep, sae_id = argument.partition("/")
+    if not sep or not sae_id:
+        raise UserError(f"sae_lens:{argument} must be written sae_lens:<release>/<sae_id>")
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        close = difflib.get_close_matches(release, list(directory), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise UserError(f"sae-lens has no release {release!r}{hint}")
+    if sae_id not in directory[release].saes_map:
+        close = difflib.get_close_matches(sae_id, list(directory[release].saes_map), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise UserError(f"release {release!r} has no SAE {sae_id!r}{hint}")
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device=str(context.device))
+    except Exception as err:  # noqa: BLE001 - the hub stack raises many types
+        if is_offline_error(err):
+            raise UserError(
+                f"SAE {release}/{sae_id} could not be downloaded: the Hugging Face hub is unreachable (offline); "
+                "save it once with SAE.save_model and use disk:<folder>"
+            ) from None
+        raise UserError(f"SAE {release}/{sae_id} could not be loaded: {first_line(err)}") from None
+    return _checked_entry(sae, name=f"{release}/{sae_id}", uri=f"sae_lens:{argument}", context=context, sha256=None)
+
+
+def _checked_entry(sae: Any, name: str, uri: str, context: SourceContext, sha256: str | None) -> SAEEntry:
+    hook = context.hook or sae.cfg.metadata.hook_name or context.default_hook
+    if hook is None:
+        raise UserError(f"SAE {name} names no hook (cfg.json metadata.hook_name): give the entry a hook in the spec")
+    width = context.adapter.hook_width(hook)
+    if int(sae.cfg.d_in) != width:
+        raise UserError(
+            f"SAE {name} has d_in={sae.cfg.d_in} but hook {hook!r} of {context.adapter.model_id} has width {width}: "
+            "it was trained on another hook or model"
+        )
+    for param_name, param in sae.named_parameters():
+        if not torch.isfinite(param).all():
+            raise UserError(f"SAE {name} has non-finite values (NaN or inf) in {param_name}: the checkpoint is broken")
+    entry = SAEEntry(sae, name=name, uri=uri, hook=hook, sha256=sha256)
+    return entry.to(context.device, context.dtype)

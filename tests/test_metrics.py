@@ -1,0 +1,127 @@
+"""Metrics against answers known by construction, and their invariances (batch size, constant shift)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from saebench_poly.activations import Moments
+from saebench_poly.metrics import EntryBatch, all_metrics
+from saebench_poly.metrics.core import Reconstruction, Sparsity
+from saebench_poly.metrics.feature_recovery import FeatureRecovery
+from saebench_poly.sources.base import NeuronEntry, SAEEntry
+from tests.conftest import write_sae
+
+
+def feed(accumulator, entry, x: torch.Tensor, batch_size: int) -> dict[str, float]:
+    for start in range(0, x.shape[0], batch_size):
+        chunk = x[start : start + batch_size]
+        z = entry.encode(chunk)
+        accumulator.update(EntryBatch(x=chunk, z=z, x_hat=entry.decode(z)))
+    return accumulator.compute()
+
+
+def sae_entry(tmp_path, architecture: str, d_in: int = 8, d_sae: int = 64, **options) -> SAEEntry:
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(write_sae(tmp_path / architecture, architecture, d_in, d_sae, "h", **options))
+    return SAEEntry(sae, name=architecture, uri=f"disk:{architecture}", hook="h")
+
+
+def test_identity_dictionary_has_zero_fvu_and_mse() -> None:
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    entry = NeuronEntry(name="n", uri="neurons:h", kind="neurons", hook="h", basis=torch.eye(6))
+    values = feed(Reconstruction(entry, None), entry, x, 64)
+    assert values["fvu"] == 0 and values["mse"] == 0 and values["relative_l2_error"] == 0
+    assert values["cosine_similarity"] == pytest.approx(1, abs=1e-12)
+    assert values["l2_norm_ratio"] == pytest.approx(1, abs=1e-12)
+
+
+def test_fvu_of_the_per_dimension_mean_is_one_and_mse_is_the_mean_variance() -> None:
+    x = torch.randn(1000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * torch.tensor([1.0, 2, 3, 4]) + 7
+    mean = x.mean(dim=0)
+    accumulator = Reconstruction(SimpleNamespace(d_in=4), None)
+    for chunk in x.split(37):
+        accumulator.update(EntryBatch(x=chunk, z=chunk, x_hat=mean.expand_as(chunk)))
+    values = accumulator.compute()
+    assert values["fvu"] == pytest.approx(1, rel=1e-12)
+    assert values["mse"] == pytest.approx(float(x.var(dim=0, unbiased=False).mean()), rel=1e-12)
+
+
+def test_topk_sae_has_l0_equal_to_k(tmp_path) -> None:
+    entry = sae_entry(tmp_path, "topk", k=5)
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(2))
+    values = feed(Sparsity(entry, None), entry, x, 64)
+    assert values["l0"] == 5
+
+
+def test_dead_and_dense_fractions_count_units_by_construction() -> None:
+    # unit 0 always fires, unit 1 fires on 5% of tokens, unit 2 never, unit 3 on 50%.
+    n = 1000
+    z = torch.zeros(n, 4)
+    z[:, 0] = 1
+    z[: n // 20, 1] = 2
+    z[::2, 3] = 0.5
+    accumulator = Sparsity(SimpleNamespace(width=4), None)
+    for chunk in z.split(333):
+        accumulator.update(EntryBatch(x=chunk, z=chunk, x_hat=chunk))
+    values = accumulator.compute()
+    assert values == {"l0": pytest.approx(1 + 0.05 + 0.5), "dead_fraction": 0.25, "dense_fraction": 0.5}
+    torch.testing.assert_close(accumulator.unit_values()["firing_frequency"], torch.tensor([1, 0.05, 0, 0.5], dtype=torch.float64))
+
+
+def test_fvu_is_unchanged_by_a_constant_shift_of_activations_and_decoder_bias(tmp_path) -> None:
+    entry = sae_entry(tmp_path, "standard", d_sae=32)
+    entry.to(torch.device("cpu"), torch.float64)
+    x = torch.randn(800, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2
+    before = feed(Reconstruction(entry, None), entry, x, 100)
+    shift = 1000.0
+    with torch.no_grad():
+        entry.sae.b_dec += shift
+    after = feed(Reconstruction(entry, None), entry, x + shift, 100)
+    assert before["fvu"] == pytest.approx(after["fvu"], rel=1e-9)
+    assert before["mse"] == pytest.approx(after["mse"], rel=1e-9)
+    assert 0 < before["fvu"] < 10
+
+
+@pytest.mark.parametrize("accumulator_class", [Sparsity, Reconstruction])
+def test_metrics_do_not_depend_on_batch_size(tmp_path, accumulator_class) -> None:
+    entry = sae_entry(tmp_path, "jumprelu", d_sae=48)
+    x = torch.randn(448, 8, generator=torch.Generator().manual_seed(4)) + 0.5
+    results = [feed(accumulator_class(entry, None), entry, x, size) for size in (1, 7, 64)]
+    for name in results[0]:
+        for other in results[1:]:
+            assert other[name] == pytest.approx(results[0][name], rel=1e-6, abs=1e-12), name
+
+
+def test_streaming_moments_match_the_dense_covariance() -> None:
+    x = torch.randn(1000, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 100
+    moments = Moments()
+    for chunk in x.split(13):
+        moments.update(chunk)
+    torch.testing.assert_close(moments.mean, x.mean(dim=0))
+    torch.testing.assert_close(moments.covariance(), torch.cov(x.T))
+
+
+def test_feature_recovery_of_a_perfect_and_an_orthogonal_dictionary() -> None:
+    truth = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 0]])  # the third feature was dropped
+    adapter = SimpleNamespace(true_feature_directions=lambda hook: truth)
+
+    def recovery(decoder: torch.Tensor) -> dict[str, float]:
+        entry = SimpleNamespace(hook="hidden", decoder_directions=lambda: decoder)
+        return FeatureRecovery(entry, adapter).compute()
+
+    assert recovery(torch.tensor([[2.0, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1, 1]])) == {"mean_max_cosine": 1.0, "fraction_recovered": 1.0}
+    assert recovery(torch.tensor([[0, 0, 1.0, 0], [0, 0, 0, 1.0]])) == {"mean_max_cosine": 0.0, "fraction_recovered": 0.0}
+    half = recovery(torch.tensor([[1.0, 0, 0, 0], [0, math.cos(0.5), math.sin(0.5), 0]]))
+    assert half["mean_max_cosine"] == pytest.approx((1 + math.cos(0.5)) / 2)
+    assert half["fraction_recovered"] == 0.5
+
+
+def test_every_metric_states_its_definition_and_direction() -> None:
+    for name, (spec, accumulator) in all_metrics().items():
+        assert spec.definition and spec.direction in ("higher", "lower", "neutral") and spec.version >= 1
+        assert accumulator.__doc__, name
