@@ -1,0 +1,91 @@
+"""The data of a run, cut into three disjoint parts: ``fit`` (held out, fits the PCA baselines), ``score`` (what
+every metric is computed on) and ``train`` (activations for the SAEs a spec trains).
+
+Language models: the token stream's contexts are taken in order, ``fit`` first, then ``score``, then ``train``.
+Toy models: each part is sampled with its own seed (``seed + 1`` fit, ``seed`` score, ``seed + 2`` train).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+from saebench_poly.data import TokenDataset, token_batches
+from saebench_poly.errors import UserError
+from saebench_poly.models.base import Batch, ModelAdapter
+from saebench_poly.spec import BenchmarkSpec
+
+Part = Literal["fit", "score"]
+SYNTHETIC_SEED_OFFSETS = {"score": 0, "fit": 1, "train": 2}
+
+
+class Inputs:
+    """Batches of one part of the spec's data, for one model."""
+
+    def __init__(self, spec: BenchmarkSpec, adapter: ModelAdapter) -> None:
+        self.spec = spec
+        self.adapter = adapter
+        self.synthetic = spec.dataset.kind == "synthetic"
+        if self.synthetic:
+            self.dataset = None
+            return
+        tokenizer = getattr(adapter, "tokenizer", None)
+        bos = spec.bos_token_id if spec.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+        self.dataset = TokenDataset(
+            spec.dataset, tokenizer, context_size=spec.context_size, prepend_bos=spec.prepend_bos,
+            bos_token_id=bos, seed=spec.seed,
+        )
+        self.scored_per_context = spec.context_size - (1 if spec.prepend_bos else 0)
+        if self.scored_per_context <= 0:
+            raise UserError("context_size must be at least 2 when prepend_bos is true")
+
+    def _contexts(self, tokens: int) -> int:
+        return math.ceil(tokens / self.scored_per_context)
+
+    def batches(self, part: Part, batch_size: int | None = None) -> Iterator[Batch]:
+        """The batches of ``part`` (``fit`` or ``score``)."""
+        batch_size = batch_size or self.spec.batch_size
+        tokens = self.spec.fit_tokens if part == "fit" else self.spec.tokens
+        if self.synthetic:
+            return self.adapter.synthetic_batches(tokens, batch_size, self.spec.seed + SYNTHETIC_SEED_OFFSETS[part])
+        skip = 0 if part == "fit" else self._contexts(self.spec.fit_tokens)
+        return token_batches(self.dataset, self._contexts(tokens), batch_size, skip_contexts=skip)
+
+    def tokens_in(self, part: Part) -> int:
+        """How many tokens ``part`` scores (an upper bound for language models, whose last context may overshoot)."""
+        tokens = self.spec.fit_tokens if part == "fit" else self.spec.tokens
+        return tokens if self.synthetic else self._contexts(tokens) * self.scored_per_context
+
+    def training_activations(self, hook: str, samples: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """``[batch_size, width]`` activations at ``hook`` from the ``train`` part, enough for ``samples``."""
+        if self.synthetic:
+            batches = self.adapter.synthetic_batches(samples + batch_size, batch_size, self.spec.seed + SYNTHETIC_SEED_OFFSETS["train"])
+        else:
+            skip = self._contexts(self.spec.fit_tokens) + self._contexts(self.spec.tokens)
+            batches = token_batches(self.dataset, self._contexts(samples + batch_size), self.spec.batch_size, skip_contexts=skip)
+        return _rebatched(self.adapter, batches, hook, batch_size)
+
+    def describe(self) -> dict[str, str]:
+        if self.synthetic:
+            return {"dataset_id": f"synthetic:{self.adapter.model_id}", "dataset_revision": "", "tokenizer": ""}
+        return self.dataset.describe()
+
+
+def _rebatched(adapter: ModelAdapter, batches: Iterator[Batch], hook: str, batch_size: int) -> Iterator[torch.Tensor]:
+    """Activations at ``hook`` in batches of exactly ``batch_size`` rows. Gradients are off only around the model's
+    forward: a ``no_grad`` block around a ``yield`` would switch them off in the consumer (the trainer) too."""
+    pending: list[torch.Tensor] = []
+    held = 0
+    for batch in batches:
+        batch = batch.to(adapter.device)
+        with torch.no_grad():
+            acts = adapter.forward(batch, [hook]).activations[hook][batch.score_mask]
+        pending.append(acts)
+        held += acts.shape[0]
+        while held >= batch_size:
+            joined = torch.cat(pending)
+            yield joined[:batch_size]
+            pending, held = [joined[batch_size:]], held - batch_size

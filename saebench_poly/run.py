@@ -1,0 +1,220 @@
+"""Running a spec end to end: spec -> model -> entries -> one activation pass -> records -> Parquet.
+
+Nothing is written until every entry has been loaded and scored, so a bad input leaves no partial leaderboard.
+The only files written earlier are caches under the spec's ``artifacts`` folder (a toy model, SAEs the spec
+trains), each moved into place whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from saebench_poly import leaderboard
+from saebench_poly.activations import ScoredEntry, fit_baselines, score
+from saebench_poly.errors import UserError
+from saebench_poly.inputs import Inputs
+from saebench_poly.metrics import resolve_metrics
+from saebench_poly.models import MODEL_LOADERS, ModelAdapter
+from saebench_poly.provenance import git_commit, package_versions
+from saebench_poly.sources import Entry, SourceContext, load_entry
+from saebench_poly.spec import LoadedSpec, TrainedSAESpec
+from saebench_poly.training import train_sae
+
+TRAINING_RECORD = "training.json"
+
+
+class Reporter:
+    """Where a run reports progress; the default reports nothing. ``task`` returns a context manager that yields
+    a callable advancing the task by a number of tokens (or samples, or steps)."""
+
+    def task(self, description: str, total: int | None) -> AbstractContextManager[Callable[[int], None]]:
+        return nullcontext(lambda _n: None)
+
+    def message(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    rows: pd.DataFrame
+    units: pd.DataFrame
+    output: Path
+    tokens_scored: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is a GPU, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for but this machine has no CUDA GPU: use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: bool = True) -> RunResult:
+    """Score every entry of ``loaded`` in one pass and (when ``write``) replace the spec's leaderboard rows."""
+    reporter = reporter or Reporter()
+    spec = loaded.spec
+    seed_everything(spec.seed)
+    device = resolve_device(spec.device)
+    dtype = getattr(torch, spec.dtype)
+    metrics = resolve_metrics(spec.metrics)
+    reporter.message(f"{spec.name}: loading the {spec.model.loader} model on {device}")
+    adapter: ModelAdapter = MODEL_LOADERS.get(spec.model.loader)(spec.model, device, dtype)
+    for hook in spec.hooks:
+        adapter.hook_width(hook)
+    inputs = Inputs(spec, adapter)
+    for trained in spec.train:
+        _ensure_trained(trained, loaded, adapter, inputs, reporter)
+    entries = _load_entries(loaded, adapter, device, dtype)
+
+    with reporter.task("fitting baselines", inputs.tokens_in("fit")) as advance:
+        fit_baselines(adapter, entries, inputs.batches("fit"), advance)
+    scored = []
+    for entry in entries:
+        entry.to(device, dtype)
+        families = {accumulator for _, accumulator in metrics.values() if accumulator.applies(entry, adapter)}
+        scored.append(ScoredEntry(entry, [family(entry, adapter) for family in sorted(families, key=lambda f: f.__name__)]))
+    with reporter.task(f"scoring {len(entries)} entries", inputs.tokens_in("score")) as advance:
+        tokens = score(adapter, scored, inputs.batches("score"), advance)
+
+    rows, units = _records(loaded, adapter, inputs, scored, metrics, tokens, device)
+    output = loaded.output_path
+    if write:
+        leaderboard.replace_spec_rows(output, spec.name, rows, units)
+    return RunResult(rows=rows, units=units, output=output, tokens_scored=tokens)
+
+
+def _load_entries(loaded: LoadedSpec, adapter: ModelAdapter, device: torch.device, dtype: torch.dtype) -> list[Entry]:
+    """The spec's entries, its trained SAEs, the baselines of its hooks, and the raw neurons of every SAE's hook."""
+    spec = loaded.spec
+    default_hook = spec.hooks[0] if len(spec.hooks) == 1 else None
+
+    def context(hook: str | None = None) -> SourceContext:
+        return SourceContext(adapter=adapter, device=device, dtype=dtype, seed=spec.seed, base_dir=loaded.base_dir,
+                             hook=hook, default_hook=default_hook)
+
+    entries: list[Entry] = []
+    for trained in spec.train:
+        folder = _trained_folder(loaded, trained)
+        entry = load_entry(f"disk:{folder}", context(trained.hook or default_hook))
+        entry.name, entry.uri = trained.name, f"disk:{folder.relative_to(loaded.base_dir) if folder.is_relative_to(loaded.base_dir) else folder}"
+        entries.append(entry)
+    for item in spec.entries:
+        entry = load_entry(item.uri, context(item.hook))
+        entry.name = item.name or entry.name
+        entries.append(entry)
+    uris = {e.uri for e in entries}
+    baseline_hooks = list(spec.hooks)
+    for entry in list(entries):
+        neuron_hook = adapter.comparison_neuron_hook(entry.hook)
+        if neuron_hook and neuron_hook not in baseline_hooks:
+            baseline_hooks.append(neuron_hook)
+    for hook in baseline_hooks:
+        for scheme in spec.baselines:
+            uri = f"{scheme}:{hook}"
+            if uri not in uris and (scheme == "neurons" or hook in spec.hooks):
+                entries.append(load_entry(uri, context()))
+                uris.add(uri)
+    names = [e.name for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"entry names must be unique; {duplicates} appear twice: give the entries a name in the spec")
+    return entries
+
+
+def _trained_folder(loaded: LoadedSpec, trained: TrainedSAESpec) -> Path:
+    return loaded.artifacts_dir / "saes" / trained.name
+
+
+def _ensure_trained(trained: TrainedSAESpec, loaded: LoadedSpec, adapter: ModelAdapter, inputs: Inputs, reporter: Reporter) -> None:
+    """Train the SAE with sae-lens unless its folder already holds one trained with the same settings."""
+    hook = trained.hook or (loaded.spec.hooks[0] if loaded.spec.hooks else None)
+    if hook is None:
+        raise UserError(f"trained SAE {trained.name!r} needs a hook: set its `hook` or the spec's `hooks`")
+    d_in = adapter.hook_width(hook)
+    record = {"training": trained.model_dump(mode="json"), "hook": hook, "d_in": d_in, "model_id": adapter.model_id,
+              "data": loaded.spec.settings_hash()}
+    folder = _trained_folder(loaded, trained)
+    record_path = folder / TRAINING_RECORD
+    if record_path.is_file() and json.loads(record_path.read_text()) == record:
+        return
+    data = inputs.training_activations(hook, trained.training_samples, trained.batch_size)
+    samples = math.ceil(trained.training_samples / trained.batch_size) * trained.batch_size
+    with reporter.task(f"training SAE {trained.name}", samples) as advance:
+        sae = train_sae(trained.training_config(), d_in, _counted(data, advance), device=str(adapter.device),
+                        hook_name=hook, model_name=adapter.model_id)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{trained.name}.", dir=folder.parent))
+    sae.save_model(staging)
+    (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+
+
+def _counted(data: Iterator[torch.Tensor], advance: Callable[[int], None]) -> Iterator[torch.Tensor]:
+    for batch in data:
+        advance(batch.shape[0])
+        yield batch
+
+
+def _records(loaded: LoadedSpec, adapter: ModelAdapter, inputs: Inputs, scored: list[ScoredEntry], metrics: dict,
+             tokens: int, device: torch.device) -> tuple[pd.DataFrame, pd.DataFrame]:
+    spec = loaded.spec
+    run_id = uuid.uuid4().hex
+    shared = {
+        "schema_version": leaderboard.SCHEMA_VERSION, "run_id": run_id, "spec_name": spec.name,
+        "spec_hash": spec.settings_hash(), **adapter.describe(),
+    }
+    run_provenance = {
+        **inputs.describe(), "tokens_scored": tokens, "context_size": spec.context_size if not inputs.synthetic else 1,
+        "prepend_bos": spec.prepend_bos and not inputs.synthetic, "seed": spec.seed, "device": str(device),
+        "dtype": spec.dtype, "git_commit": git_commit(), "package_versions": package_versions(),
+        "created_at": pd.Timestamp(datetime.now(UTC)),
+    }
+    rows, units = [], []
+    for item in scored:
+        described = {**shared, **item.entry.describe()}
+        sha = item.entry.weights_sha256()
+        unit_columns: dict[str, np.ndarray] = {}
+        for accumulator in item.accumulators:
+            values = accumulator.compute()
+            for name, value in values.items():
+                if name not in metrics:
+                    continue
+                metric = metrics[name][0]
+                rows.append({**described, **run_provenance, "metric": name, "metric_version": metric.version,
+                             "metric_family": metric.family, "direction": metric.direction, "value": float(value),
+                             "weights_sha256": sha})
+            unit_columns.update({k: v.detach().cpu().numpy() for k, v in accumulator.unit_values().items()})
+        frame = pd.DataFrame({"unit": np.arange(item.entry.width), **unit_columns})
+        for column in leaderboard.UNITS_SCHEMA.names:
+            if column not in frame:
+                frame[column] = described.get(column, np.nan)
+        units.append(frame)
+    return pd.DataFrame(rows), pd.concat(units, ignore_index=True)

@@ -1,0 +1,186 @@
+"""Benchmark specs: a TOML file, validated by pydantic models that reject unknown keys.
+
+Relative paths in a spec (model folder, data files, ``disk:`` entries, ``output``, ``artifacts``) resolve against
+the folder of the spec file. ``{name}`` in ``output`` and ``artifacts`` is replaced by the spec's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from saebench_poly.data import DatasetConfig
+from saebench_poly.errors import UserError
+from saebench_poly.models.base import ModelConfig
+from saebench_poly.training import SAETrainingConfig
+
+BASELINE_SCHEMES = ("neurons", "pca", "random")
+DATASET_KINDS = ("hub", "text", "jsonl", "parquet", "tokens", "synthetic")
+
+
+class SyntheticDataConfig(BaseModel):
+    """Inputs sampled by the model itself (toy models, which define their own feature distribution)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["synthetic"]
+
+
+class EntrySpec(BaseModel):
+    """One entry: a source URI, with an optional display name and a hook that overrides the checkpoint's."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str
+    name: str | None = None
+    hook: str | None = None
+
+
+class TrainedSAESpec(SAETrainingConfig):
+    """An SAE the spec trains (sae-lens training classes) on the activations at ``hook`` (default: the spec's
+    first hook), stored under ``artifacts/saes/<name>`` and reused while its settings are unchanged."""
+
+    hook: str | None = None
+
+    def training_config(self) -> SAETrainingConfig:
+        return SAETrainingConfig(**self.model_dump(exclude={"hook"}, exclude_unset=True))
+
+
+class BenchmarkSpec(BaseModel):
+    """A benchmark: which model, data and entries to score, with which metrics, written where.
+
+    ``tokens``: scored tokens (samples for toy models); ``fit_tokens``: a held-out slice, before the scored one,
+    on which PCA baselines are fitted; ``hooks``: hooks whose baselines (``baselines``) are always added, besides
+    the MLP neurons that each SAE's hook is compared with; ``train``: SAEs trained with sae-lens on the model's
+    activations when their folder under ``artifacts`` is missing, then scored as ``disk:`` entries.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    description: str = ""
+    model: ModelConfig
+    dataset: Annotated[DatasetConfig | SyntheticDataConfig, Field(discriminator="kind")]
+    hooks: list[str] = Field(default_factory=list)
+    baselines: list[Literal["neurons", "pca", "random"]] = Field(default_factory=lambda: list(BASELINE_SCHEMES))
+    entries: list[EntrySpec] = Field(default_factory=list)
+    train: list[TrainedSAESpec] = Field(default_factory=list)
+    metrics: list[str] | None = None
+    tokens: Annotated[int, Field(gt=0)]
+    fit_tokens: Annotated[int, Field(ge=0)] = 8192
+    context_size: Annotated[int, Field(gt=0)] = 128
+    batch_size: Annotated[int, Field(gt=0)] = 16
+    prepend_bos: bool = True
+    bos_token_id: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    output: str = "../leaderboards/{name}.parquet"
+    artifacts: str = ".artifacts/{name}"
+
+    @field_validator("entries", mode="before")
+    @classmethod
+    def _uris_as_entries(cls, entries: Any) -> Any:
+        """An entry may be written as its bare URI."""
+        return [{"uri": e} if isinstance(e, str) else e for e in entries] if isinstance(entries, list) else entries
+
+    @model_validator(mode="after")
+    def _check_synthetic_data(self) -> BenchmarkSpec:
+        if (self.dataset.kind == "synthetic") != (self.model.loader == "toy"):
+            raise ValueError("dataset kind 'synthetic' goes with model loader 'toy', and only with it")
+        return self
+
+    def settings_hash(self) -> str:
+        """sha256 of the evaluation settings: what the numbers depend on (model, data, token counts, context,
+        BOS handling, seed, dtype, metrics), not which entries are scored, where results go, the device or the
+        batch size. Two results are comparable when their hashes are equal."""
+        settings = self.model_dump(
+            mode="json",
+            include={"model", "dataset", "tokens", "fit_tokens", "context_size", "prepend_bos", "bos_token_id",
+                     "seed", "dtype", "metrics"},
+        )
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+class LoadedSpec(BaseModel):
+    """A validated spec and the file it came from."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    spec: BenchmarkSpec
+    path: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, value: str) -> Path:
+        """``value`` as an absolute path (``{name}`` filled in), relative ones against the spec's folder."""
+        path = Path(value.replace("{name}", self.spec.name)).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve(self.spec.output)
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.resolve(self.spec.artifacts)
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    """Read and validate a spec file; every problem is a one-line `UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"spec file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"spec {path} is not valid TOML: {err}") from None
+    try:
+        spec = BenchmarkSpec.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"spec {path}: {_first_problem(err)}") from None
+    loaded = LoadedSpec(spec=spec, path=path.resolve())
+    _resolve_paths(loaded)
+    return loaded
+
+
+def _resolve_paths(loaded: LoadedSpec) -> None:
+    """Local model folders and data files become absolute, so that loaders never see spec-relative paths."""
+    spec = loaded.spec
+    if spec.model.loader == "toy" or _looks_local(spec.model.name, loaded.base_dir):
+        spec.model.name = str(loaded.resolve(spec.model.name))
+    if spec.dataset.kind not in ("hub", "synthetic"):
+        spec.dataset.path = str(loaded.resolve(spec.dataset.path))
+
+
+def _looks_local(name: str, base_dir: Path) -> bool:
+    return name.startswith((".", "/", "~")) or (base_dir / name).exists()
+
+
+def _first_problem(err: ValidationError) -> str:
+    problem = err.errors()[0]
+    loc = [str(part) for part in problem["loc"] if not re.fullmatch(r"[a-z_]+\[.*\]|function-after.*", str(part))]
+    if loc[:1] == ["dataset"] and len(loc) > 1 and loc[1] in DATASET_KINDS:
+        del loc[1]  # pydantic names the discriminated union's branch; the user wrote no such key
+    where = ".".join(loc)
+    if problem["type"] == "extra_forbidden":
+        return f"unknown key {where!r} (check its spelling; the README lists the keys a spec takes)"
+    if problem["type"] == "missing":
+        return f"missing key {where!r}"
+    return f"{where or 'spec'}: {problem['msg']}"
+
+
+def with_overrides(loaded: LoadedSpec, overrides: dict[str, Any]) -> LoadedSpec:
+    """``loaded`` with top-level settings replaced (from command-line options), validated again."""
+    if not overrides:
+        return loaded
+    try:
+        spec = BenchmarkSpec.model_validate({**loaded.spec.model_dump(exclude_unset=True), **overrides})
+    except ValidationError as err:
+        raise UserError(f"option {_first_problem(err)}") from None
+    return LoadedSpec(spec=spec, path=loaded.path)
