@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from saebench_poly.metrics.base import Accumulator, DownstreamBatch, EntryBatch
-from saebench_poly.metrics.downstream import kl_per_position, next_token_statistics
-from saebench_poly.models.base import Batch, ModelAdapter
+from saebench_poly.metrics.downstream import cross_entropy, kl_divergence, next_token_log_probs
+from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter
 from saebench_poly.sources.base import Entry
 
 Progress = Callable[[int], None]
@@ -71,7 +71,7 @@ def fit_baselines(adapter: ModelAdapter, entries: list[Entry], batches: Iterable
     with torch.no_grad():
         for batch in batches:
             batch = batch.to(adapter.device)
-            output = adapter.forward(batch, sorted(moments))
+            output = adapter.forward(batch, sorted(moments), logits=False)
             for hook, accumulator in moments.items():
                 accumulator.update(output.activations[hook][batch.score_mask])
             if progress:
@@ -91,41 +91,49 @@ def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Ba
     with torch.no_grad():
         for batch in batches:
             batch = batch.to(adapter.device)
-            mask = batch.score_mask
-            clean = adapter.forward(batch, hooks)
-            activations = {hook: clean.activations[hook][mask] for hook in hooks}
-            positions = mask[:, :-1]
-            ce_clean = ce_zero = None
-            if downstream_hooks:
-                ce_clean = next_token_statistics(clean.logits, batch.inputs, positions)
-                ce_zero = {
-                    hook: next_token_statistics(
-                        adapter.forward_with_replacement(batch, clean, hook, _spliced(mask, None)), batch.inputs, positions
-                    )
-                    for hook in downstream_hooks
-                }
+            clean = adapter.forward(batch, hooks, logits=bool(downstream_hooks))
+            activations = {hook: clean.activations[hook][batch.score_mask] for hook in hooks}
+            downstream = _DownstreamPass(adapter, batch, clean, downstream_hooks) if downstream_hooks else None
             for item in scored:
-                entry = item.entry
-                x = activations[entry.hook]
-                z = entry.encode(x)
-                x_hat = entry.decode(z)
-                downstream = None
+                x = activations[item.entry.hook]
+                z = item.entry.encode(x)
+                x_hat = item.entry.decode(z)
+                entry_batch = EntryBatch(x=x, z=z, x_hat=x_hat)
                 if item.needs_downstream:
-                    logits = adapter.forward_with_replacement(batch, clean, entry.hook, _spliced(mask, x_hat))
-                    downstream = DownstreamBatch(
-                        ce_clean=ce_clean,
-                        ce_spliced=next_token_statistics(logits, batch.inputs, positions),
-                        ce_zero_ablated=ce_zero[entry.hook],
-                        kl=kl_per_position(clean.logits, logits, positions),
-                    )
-                entry_batch = EntryBatch(x=x, z=z, x_hat=x_hat, downstream=downstream)
+                    entry_batch.downstream = downstream.statistics(item.entry.hook, x, x_hat)
                 for accumulator in item.accumulators:
                     accumulator.update(entry_batch)
-            scored_here = int(mask.sum())
+            scored_here = int(batch.score_mask.sum())
             tokens += scored_here
             if progress:
                 progress(scored_here)
     return tokens
+
+
+class _DownstreamPass:
+    """Next-token statistics of one batch: the clean log-probabilities and each hook's zero-ablation once, then a
+    spliced forward per entry. A reconstruction that is bitwise equal to its input (the raw-neuron identity)
+    would re-run exactly the clean forward, so the clean log-probabilities stand in for it."""
+
+    def __init__(self, adapter: ModelAdapter, batch: Batch, clean: ForwardOutput, hooks: list[str]) -> None:
+        self.adapter, self.batch, self.clean = adapter, batch, clean
+        self.positions = batch.score_mask[:, :-1]
+        self.clean_log_probs = next_token_log_probs(clean.logits, self.positions)
+        self.ce_clean = cross_entropy(self.clean_log_probs, batch.inputs, self.positions)
+        self.ce_zero = {hook: cross_entropy(self._spliced_log_probs(hook, None), batch.inputs, self.positions) for hook in hooks}
+
+    def _spliced_log_probs(self, hook: str, values: torch.Tensor | None) -> torch.Tensor:
+        logits = self.adapter.forward_with_replacement(self.batch, self.clean, hook, _spliced(self.batch.score_mask, values))
+        return next_token_log_probs(logits, self.positions)
+
+    def statistics(self, hook: str, x: torch.Tensor, x_hat: torch.Tensor) -> DownstreamBatch:
+        if torch.equal(x_hat, x):
+            log_probs, ce_spliced = self.clean_log_probs, self.ce_clean
+        else:
+            log_probs = self._spliced_log_probs(hook, x_hat)
+            ce_spliced = cross_entropy(log_probs, self.batch.inputs, self.positions)
+        return DownstreamBatch(ce_clean=self.ce_clean, ce_spliced=ce_spliced, ce_zero_ablated=self.ce_zero[hook],
+                               kl=kl_divergence(self.clean_log_probs, log_probs))
 
 
 def _spliced(mask: torch.Tensor, values: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -4,13 +4,13 @@ The rule, the same for every source:
 
 1. Documents are read in source order (hub: the split's stream; ``text``: one document per non-blank line of a UTF-8
    file; ``jsonl``/``parquet``: one per row of ``column``; ``tokens``: one token row per row) and then pass through a
-   seeded shuffle buffer of ``shuffle_buffer`` documents (0 keeps the source order). Hub streams use
-   `datasets.IterableDataset.shuffle`, local files the same buffer algorithm in plain Python; either way the order
-   is a pure function of the data, ``shuffle_buffer`` and ``seed``.
+   seeded shuffle buffer of ``shuffle_buffer`` documents (0 keeps the source order): `datasets.IterableDataset.shuffle`
+   for hub streams (which also shuffles their shards), a plain buffer shuffle for local files. Either way the order is
+   a pure function of the data, ``shuffle_buffer`` and ``seed``. Null documents are skipped.
 2. Text is tokenized without special tokens; documents are concatenated with the tokenizer's EOS id between them
-   (its SEP id for tokenizers without EOS, such as BERT's; nothing when it has neither). Empty and null documents are
-   skipped. Token rows (kind ``tokens``, or a hub column whose first row holds token ids) are concatenated without a
-   separator.
+   (its SEP id for tokenizers without EOS, such as BERT's; nothing when it has neither); a document with no tokens
+   adds nothing. Token rows (kind ``tokens``, or a hub column whose first row holds token ids) are concatenated
+   without a separator.
 3. The stream is cut into consecutive windows of ``context_size - 1`` tokens with ``bos_token_id`` prepended when
    ``prepend_bos``, else of ``context_size`` tokens; the incomplete tail is dropped.
 """
@@ -183,7 +183,7 @@ class TokenDataset:
             raise UserError(f"cannot read dataset file {path}: {e.strerror or e}") from e
 
     def _source(self) -> Iterator[Any]:
-        """The documents (text, or token rows) in source order."""
+        """The documents (text, or token rows) in source order; a null document is skipped."""
         cfg = self.cfg
         if cfg.kind == "hub":
             return self._hub_rows(self._hub_dataset)
@@ -193,16 +193,16 @@ class TokenDataset:
             return (line for _, line in _lines(path))
         if file_format == "npy":
             return _npy_rows(path)
-        if file_format == "parquet":
-            return _parquet_rows(path, cfg.column_name)
-        return _jsonl_rows(path, cfg.column_name)
+        rows = _parquet_rows(path, cfg.column_name) if file_format == "parquet" else _jsonl_rows(path, cfg.column_name)
+        return (row for row in rows if row is not None)
 
     def _hub_rows(self, dataset: Any) -> Iterator[Any]:
         column = self.cfg.column_name
         for row in dataset:
             if column not in row:
                 raise UserError(f"dataset {self.dataset_id} has a row without column {column!r} ({_listing(row)})")
-            yield row[column]
+            if row[column] is not None:
+                yield row[column]
 
     def _documents(self) -> Iterator[Any]:
         """The documents in the seeded shuffled order."""
@@ -228,7 +228,6 @@ class TokenDataset:
         first = True
         documents = iter(documents)
         while chunk := list(islice(documents, _TOKENIZE_CHUNK)):
-            chunk = [doc for doc in chunk if doc is not None]  # a null document is an empty one
             for doc in chunk:
                 if not isinstance(doc, str):
                     raise UserError(
@@ -317,8 +316,8 @@ def _windows(rows: Iterator[np.ndarray], width: int) -> Iterator[np.ndarray]:
 
 
 def _buffer_shuffle(items: Iterator[Any], buffer_size: int, seed: int) -> Iterator[Any]:
-    """Shuffle a stream with a buffer of ``buffer_size`` items (the algorithm of `datasets`' streaming shuffle):
-    each incoming item takes the place of a random buffered one, which is emitted."""
+    """Shuffle a stream through a buffer of ``buffer_size`` items: each incoming item takes the place of a random
+    buffered one, which is emitted; the buffer is emitted shuffled at the end."""
     if buffer_size == 0:
         yield from items
         return
@@ -343,7 +342,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 if line.strip():
                     yield number, line.rstrip("\n")
     except UnicodeDecodeError as e:
-        raise UserError(f"dataset file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+        raise UserError(f"dataset file {path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from e
 
 
 def _jsonl_rows(path: Path, column: str) -> Iterator[Any]:

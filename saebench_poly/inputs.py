@@ -32,10 +32,9 @@ class Inputs:
         if self.synthetic:
             self.dataset = None
             return
-        tokenizer = getattr(adapter, "tokenizer", None)
-        bos = spec.bos_token_id if spec.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+        bos = spec.bos_token_id if spec.bos_token_id is not None else adapter.bos_token_id
         self.dataset = TokenDataset(
-            spec.dataset, tokenizer, context_size=spec.context_size, prepend_bos=spec.prepend_bos,
+            spec.dataset, getattr(adapter, "tokenizer", None), context_size=spec.context_size, prepend_bos=spec.prepend_bos,
             bos_token_id=bos, seed=spec.seed,
         )
         self.scored_per_context = spec.context_size - (1 if spec.prepend_bos else 0)
@@ -82,7 +81,7 @@ def _rebatched(adapter: ModelAdapter, batches: Iterator[Batch], hook: str, batch
     for batch in batches:
         batch = batch.to(adapter.device)
         with torch.no_grad():
-            acts = adapter.forward(batch, [hook]).activations[hook][batch.score_mask]
+            acts = adapter.forward(batch, [hook], logits=False).activations[hook][batch.score_mask]
         pending.append(acts)
         held += acts.shape[0]
         while held >= batch_size:

@@ -10,6 +10,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import string
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,6 +23,31 @@ VOCAB = 64
 D_MODEL = 16
 D_MLP = 32
 CONTEXT = 12
+BOS, EOS = 0, 1
+CHARS = string.ascii_lowercase + " .,"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach the hub, whatever the environment (the libraries read the flags once, at import)."""
+    import datasets
+    import huggingface_hub
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def char_tokenizer():
+    """A character-level tokenizer: <bos>=0, <eos>=1, <unk>=2, then one id per character of CHARS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": BOS, "<eos>": EOS, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from pydantic import ValidationError
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from saebench_poly.data import DatasetConfig, TokenDataset, token_batches
 from saebench_poly.errors import UserError
-
-BOS, EOS = 0, 1
-CHARS = string.ascii_lowercase + " .,"
+from tests.conftest import BOS, CHARS, EOS, char_tokenizer
 
 
 def char_ids(text: str) -> list[int]:
@@ -27,25 +24,9 @@ def char_ids(text: str) -> list[int]:
     return [CHARS.index(c) + 3 for c in text]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may reach the hub, whatever the environment (the libraries read the flags once, at import)."""
-    import datasets
-    import huggingface_hub
-
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer: <bos>=0, <eos>=1, <unk>=2, then one id per character of CHARS."""
-    vocab = {"<bos>": BOS, "<eos>": EOS, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    return char_tokenizer()
 
 
 @pytest.fixture
@@ -95,7 +76,7 @@ def test_batches_do_not_depend_on_batch_size(text_file, tokenizer, prepend_bos):
     assert torch.equal(inputs[1], torch.stack(list(ds.contexts())[3:43]))
     masks = torch.cat([b.score_mask for b in runs[7]])
     assert masks.dtype == torch.bool and masks.shape == (40, 8)
-    assert bool(masks[:, 1:].all()) and bool(masks[:, 0].any()) is not prepend_bos
+    assert bool(masks[:, 1:].all()) and torch.equal(masks[:, 0], torch.full((40,), not prepend_bos))
 
 
 def test_running_out_of_data_says_how_much_there_is(text_file, tokenizer):
@@ -128,7 +109,8 @@ def test_pretokenized_rows_are_concatenated_without_separator(tmp_path, tokenize
 def test_text_columns_of_jsonl_and_parquet(tmp_path, tokenizer):
     docs = ["ab", "cd", "ef"]
     pq.write_table(pa.table({"body": docs}), tmp_path / "docs.parquet")
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    rows = [{"text": docs[0]}, {"text": None}, {"text": docs[1]}, {"text": docs[2]}]  # a null document is skipped
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     expected = [[BOS, *char_ids("ab"), EOS], [BOS, *char_ids("cd"), EOS]]
     parquet = DatasetConfig(kind="parquet", path=str(tmp_path / "docs.parquet"), column="body", shuffle_buffer=0)
     jsonl = DatasetConfig(kind="jsonl", path=str(tmp_path / "docs.jsonl"), shuffle_buffer=0)
@@ -167,6 +149,13 @@ def test_hub_datasets_stream_shuffled_by_seed(tmp_path, monkeypatch, tokenizer):
     assert info["dataset_id"] == f"{tmp_path / 'repo'}:train" and info["dataset_revision"]
     with pytest.raises(UserError, match="has no column 'body'"):
         dataset(cfg.model_copy(update={"column": "body"}), tokenizer)
+    # a hub column of token-id lists is pre-tokenized data: no tokenizer, no separator
+    (tmp_path / "ids" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"input_ids": [[3, 4, 5], [6, 7, 8]]}), tmp_path / "ids" / "data" / "train.parquet")
+    ids = DatasetConfig(kind="hub", path=str(tmp_path / "ids"), column="input_ids", shuffle_buffer=0)
+    pretokenized = dataset(ids, tokenizer=None, context_size=4)
+    assert contexts(pretokenized) == [[BOS, 3, 4, 5], [BOS, 6, 7, 8]]
+    assert pretokenized.describe()["tokenizer"] == ""
     with pytest.raises(UserError, match="Bad split: test"):
         dataset(cfg.model_copy(update={"split": "test"}), tokenizer)
 
@@ -186,6 +175,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, text_file, tokenizer):
     np.save(tmp_path / "floats.npy", np.zeros((2, 3)))
     np.save(tmp_path / "objects.npy", np.array([[1], "x"], dtype=object), allow_pickle=True)
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "text.parquet")
+    text_parquet = DatasetConfig(kind="tokens", path=str(tmp_path / "text.parquet"))
     np.save(tmp_path / "big.npy", np.array([[5, 99]]))
     cases = {
         "does not exist": DatasetConfig(kind="text", path=str(tmp_path / "missing.txt")),
@@ -193,7 +183,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, text_file, tokenizer):
         "has no field 'text' \\(columns: body\\)": DatasetConfig(kind="jsonl", path=str(tmp_path / "other.jsonl")),
         "is not UTF-8 text": DatasetConfig(kind="text", path=str(tmp_path / "latin1.txt")),
         "as Parquet": DatasetConfig(kind="parquet", path=str(tmp_path / "not.parquet")),
-        "has no column 'input_ids' \\(columns: text\\)": DatasetConfig(kind="tokens", path=str(tmp_path / "text.parquet")),
+        "has no column 'input_ids' \\(columns: text\\)": text_parquet,
         "float64 array": DatasetConfig(kind="tokens", path=str(tmp_path / "floats.npy")),
         "as a .npy int array": DatasetConfig(kind="tokens", path=str(tmp_path / "objects.npy")),
         "token id 99, outside the tokenizer's 32 ids": DatasetConfig(kind="tokens", path=str(tmp_path / "big.npy")),

@@ -6,46 +6,32 @@ Tiny GPT-2, BERT and Llama models are built from configs and saved as safetensor
 from __future__ import annotations
 
 import copy
-import string
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AlbertConfig,
+    AlbertModel,
     BertConfig,
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 from transformers.activations import NewGELUActivation
 
 from saebench_poly.errors import UserError
 from saebench_poly.models import MODEL_LOADERS, Batch, ModelConfig
 from saebench_poly.models.hf import HFModelAdapter, load_hf_model
+from tests.conftest import char_tokenizer
 
 CPU = torch.device("cpu")
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may reach the hub, whatever the environment (the libraries read the flags once, at import)."""
-    import huggingface_hub
-
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
 def save_char_tokenizer(folder) -> None:
-    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(string.ascii_lowercase + " .,")}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
-    tokenizer.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +43,9 @@ def folders(tmp_path_factory) -> dict[str, str]:
             GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=1)
         ),
         "bert": BertModel(
-            BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+            BertConfig(
+                vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+            )
         ),
         "llama": LlamaForCausalLM(
             LlamaConfig(
@@ -97,12 +85,15 @@ def batch(n: int = 3, context: int = 6) -> Batch:
 def no_hooks_left(adapter: HFModelAdapter) -> bool:
     """None of the adapter's forward hooks is still registered (transformers keeps hooks of its own)."""
     hooks = [hook for module in adapter.model.modules() for hook in module._forward_hooks.values()]
-    return not any(getattr(getattr(hook, "func", None), "__module__", "") == "saebench_poly.models.hf" for hook in hooks)
+    owners = {getattr(getattr(hook, "func", None), "__module__", None) for hook in hooks}
+    return "saebench_poly.models.hf" not in owners
 
 
 def test_loader_is_registered_and_describes_the_model(gpt2, bert, folders):
     assert MODEL_LOADERS.get("hf") is load_hf_model
-    assert gpt2.describe() == {"model_id": folders["gpt2"], "model_revision": "", "model_family": "hf"}
+    assert gpt2.describe() == {
+        "model_id": folders["gpt2"], "model_revision": "", "model_family": "hf", "tokenizer": folders["gpt2"]
+    }
     assert gpt2.supports_downstream and not bert.supports_downstream
     assert gpt2.tokenizer is not None and gpt2.tokenizer("ab", add_special_tokens=False)["input_ids"] == [3, 4]
     assert gpt2.bos_token_id == 0
@@ -111,7 +102,8 @@ def test_loader_is_registered_and_describes_the_model(gpt2, bert, folders):
 
 
 def test_gpt2_hooks_read_the_module_outputs(gpt2):
-    hooks = ["transformer.h.0", "transformer.h.1", "transformer.ln_f", "transformer.h.1.ln_2", "transformer.h.1.mlp.act"]
+    hooks = ["transformer.h.0", "transformer.h.1", "transformer.ln_f", "transformer.h.1.ln_2"]
+    hooks.append("transformer.h.1.mlp.act")
     b = batch()
     out = gpt2.forward(b, hooks)
     with torch.no_grad():
@@ -120,13 +112,28 @@ def test_gpt2_hooks_read_the_module_outputs(gpt2):
     # GPT-2's last hidden state is taken after the final layer norm
     assert torch.allclose(out.activations["transformer.ln_f"], reference.hidden_states[2])
     with torch.no_grad():
-        assert torch.allclose(gpt2.model.transformer.ln_f(out.activations["transformer.h.1"]), reference.hidden_states[2])
+        final = gpt2.model.transformer.ln_f(out.activations["transformer.h.1"])
+    assert torch.allclose(final, reference.hidden_states[2])
     assert torch.allclose(out.logits, reference.logits)
     mlp = gpt2.model.transformer.h[1].mlp
     neurons = NewGELUActivation()(mlp.c_fc(out.activations["transformer.h.1.ln_2"]))
     assert torch.allclose(out.activations["transformer.h.1.mlp.act"], neurons)
     assert out.activations["transformer.h.1.mlp.act"].shape == (3, 6, 64)
     assert [gpt2.hook_width(h) for h in hooks] == [16, 16, 16, 16, 64]
+    assert no_hooks_left(gpt2)
+
+
+def test_without_logits_the_pass_stops_after_the_last_hook(gpt2):
+    b = batch()
+    full = gpt2.forward(b, ["transformer.h.0.mlp.act", "transformer.h.0"])
+    calls = []
+    handle = gpt2.model.transformer.h[1].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        early = gpt2.forward(b, ["transformer.h.0", "transformer.h.0.mlp.act"], logits=False)
+    finally:
+        handle.remove()
+    assert calls == [] and early.logits is None
+    assert all(torch.equal(early.activations[h], full.activations[h]) for h in full.activations)
     assert no_hooks_left(gpt2)
 
 
@@ -146,13 +153,27 @@ def test_bert_hooks_and_tuple_outputs(bert):
 
 
 def test_unknown_hooks_name_close_matches(gpt2, bert):
-    with pytest.raises(UserError, match="has no hook 'transformer.h.1.mlp.actt'; did you mean 'transformer.h.1.mlp.act'"):
+    with pytest.raises(UserError, match="no hook 'transformer.h.1.mlp.actt'; did you mean 'transformer.h.1.mlp.act'"):
         gpt2.forward(batch(), ["transformer.h.1.mlp.actt"])
     with pytest.raises(UserError, match="did you mean 'encoder.layer.0.intermediate'"):
         bert.hook_width("encoder.layers.0.intermediate")
     with pytest.raises(UserError, match="'pooler' .* does not output \\[batch, position, width\\]"):
         bert.hook_width("pooler")
     assert no_hooks_left(gpt2)
+
+
+def test_modules_run_more_than_once_are_not_hooks():
+    """ALBERT runs one shared layer at every depth: its output is not one activation, so it is no hook."""
+    config = AlbertConfig(
+        vocab_size=VOCAB, embedding_size=8, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=32,
+    )
+    albert = HFModelAdapter(AlbertModel(config), tokenizer=None, model_id="tiny-albert")
+    shared = "encoder.albert_layer_groups.0.albert_layers.0"
+    assert shared not in albert.hook_names() and "encoder.embedding_hidden_mapping_in" in albert.hook_names()
+    with pytest.raises(UserError, match="once per forward pass"):
+        albert.hook_width(shared)
+    assert albert.comparison_neuron_hook("encoder.embedding_hidden_mapping_in") is None
 
 
 def test_comparison_neurons_and_their_input_map(gpt2, bert, folders):

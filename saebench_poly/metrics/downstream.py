@@ -51,19 +51,21 @@ class Downstream(Accumulator):
         }
 
 
-def next_token_statistics(logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Per-position cross-entropy (float64) of ``logits[:, t]`` predicting ``tokens[:, t + 1]`` at ``positions``
-    (a bool mask ``[batch, context - 1]``)."""
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = tokens[:, 1:].unsqueeze(-1)
-    return -log_probs.gather(-1, targets).squeeze(-1)[positions].to(torch.float64)
+def next_token_log_probs(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities ``[n_positions, vocab]`` (float32) of the next token at ``positions`` (a bool mask
+    ``[batch, context - 1]``)."""
+    return torch.log_softmax(logits[:, :-1][positions].float(), dim=-1)
 
 
-def kl_per_position(clean_logits: torch.Tensor, spliced_logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """KL(p_clean || p_spliced) per position (float64) at ``positions``."""
-    clean = torch.log_softmax(clean_logits[:, :-1].float(), dim=-1)[positions]
-    spliced = torch.log_softmax(spliced_logits[:, :-1].float(), dim=-1)[positions]
+def cross_entropy(log_probs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy (float64) of ``log_probs`` (from `next_token_log_probs`) against the next token."""
+    targets = tokens[:, 1:][positions].unsqueeze(-1)
+    return -log_probs.gather(-1, targets).squeeze(-1).to(torch.float64)
+
+
+def kl_divergence(clean: torch.Tensor, spliced: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_spliced) per position (float64) from two `next_token_log_probs`."""
     return (clean.exp() * (clean - spliced)).sum(dim=-1).to(torch.float64)
 
 
-__all__ = ["Downstream", "DownstreamBatch", "kl_per_position", "next_token_statistics"]
+__all__ = ["Downstream", "DownstreamBatch", "cross_entropy", "kl_divergence", "next_token_log_probs"]

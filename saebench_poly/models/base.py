@@ -46,10 +46,12 @@ Replacement = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ModelAdapter(ABC):
-    """A model the benchmark can run. Subclasses set ``model_id``, ``revision`` and ``family``."""
+    """A model the benchmark can run. Subclasses set ``model_id``, ``revision`` and ``family``, and
+    ``bos_token_id`` when their tokenizer has one (the id a run prepends to each context)."""
 
     model_id: str
     revision: str | None = None
+    bos_token_id: int | None = None
     family: str = "unknown"
     supports_downstream: bool = False
 
@@ -62,8 +64,9 @@ class ModelAdapter(ABC):
         """Width of the activations at ``hook``; a `UserError` naming close hooks when the model has no such hook."""
 
     @abstractmethod
-    def forward(self, batch: Batch, hooks: Sequence[str]) -> ForwardOutput:
-        """Run the model once on ``batch`` and capture ``hooks`` (plus what `forward_with_replacement` needs)."""
+    def forward(self, batch: Batch, hooks: Sequence[str], logits: bool = True) -> ForwardOutput:
+        """Run the model once on ``batch`` and capture ``hooks`` (plus what `forward_with_replacement` needs).
+        With ``logits=False`` the adapter may stop after the last layer that a hook needs."""
 
     def comparison_neuron_hook(self, hook: str) -> str | None:
         """The hook of the raw neurons that an SAE at ``hook`` is compared with (None if the model has none)."""

@@ -139,13 +139,18 @@ class HFModelAdapter(ModelAdapter):
         self._check_hook(hook)
         return self._widths[hook]
 
-    def forward(self, batch: Batch, hooks: Sequence[str]) -> ForwardOutput:
+    def forward(self, batch: Batch, hooks: Sequence[str], logits: bool = True) -> ForwardOutput:
+        """Capture ``hooks``; with ``logits=False`` the pass stops as soon as every hook is captured (no logits)."""
         for hook in hooks:
             self._check_hook(hook)
         activations: dict[str, torch.Tensor] = {}
-        with self._hooks({hook: partial(_capture, activations, hook) for hook in hooks}):
-            output = self._run(batch.inputs)
-        return ForwardOutput(activations=activations, logits=output.logits if self._has_lm_head else None)
+        stop_after = None if logits else set(hooks)
+        with self._hooks({hook: partial(_capture, activations, hook, stop_after) for hook in hooks}):
+            try:
+                output = self._run(batch.inputs)
+            except _AllCaptured:
+                return ForwardOutput(activations=activations)
+        return ForwardOutput(activations=activations, logits=output.logits if logits and self._has_lm_head else None)
 
     def forward_with_replacement(
         self, batch: Batch, clean: ForwardOutput, hook: str, replacement: Replacement
@@ -182,6 +187,9 @@ class HFModelAdapter(ModelAdapter):
                 bias = None if child.bias is None else child.bias.detach()
                 return NeuronInput(module=f"{parent}.{name}" if parent else name, weight=weight.detach(), bias=bias)
         return None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "tokenizer": getattr(self.tokenizer, "name_or_path", "") or ""}
 
     @cached_property
     def _widths(self) -> dict[str, int]:
@@ -269,9 +277,17 @@ def _record_shape(calls: list[torch.Size | None], module: nn.Module, args: Any, 
     calls.append(None if tensor is None else tensor.shape)
 
 
-def _capture(store: dict[str, torch.Tensor], hook: str, module: nn.Module, args: Any, output: Any) -> None:
+class _AllCaptured(Exception):
+    """Raised by a hook once every wanted activation is captured, to skip the rest of the forward pass."""
+
+
+def _capture(
+    store: dict[str, torch.Tensor], hook: str, stop_after: set[str] | None, module: nn.Module, args: Any, output: Any
+) -> None:
     # A copy, since a later in-place operation of the model may reuse the output's memory.
     store[hook] = _first_tensor(output).detach().clone()
+    if stop_after is not None and stop_after <= store.keys():
+        raise _AllCaptured
 
 
 def _splice(replacement: Replacement, module: nn.Module, args: Any, output: Any) -> Any:

@@ -103,6 +103,7 @@ class HookedTransformerAdapter(ModelAdapter):
         self.model_id = model_id
         self.revision = revision
         self.tokenizer = model.tokenizer
+        self.bos_token_id = getattr(model.tokenizer, "bos_token_id", None)
         self._widths: dict[str, int] = {}
 
     @property
@@ -132,13 +133,16 @@ class HookedTransformerAdapter(ModelAdapter):
             return None
         return f"blocks.{match.group(1)}.mlp.hook_post"
 
-    def forward(self, batch: Batch, hooks: Sequence[str]) -> ForwardOutput:
+    def forward(self, batch: Batch, hooks: Sequence[str], logits: bool = True) -> ForwardOutput:
         resume_hooks = {self._resume_hook(h) for h in hooks} - {None}
         names = sorted(set(hooks) | resume_hooks)
+        blocks = [int(m.group(1)) for m in map(_BLOCK_HOOK.match, hooks) if m]
+        stop = max(blocks) + 1 if not logits and len(blocks) == len(hooks) else None
         with torch.no_grad():
-            logits, cache = self.model.run_with_cache(batch.inputs, names_filter=names)
+            output, cache = self.model.run_with_cache(batch.inputs, names_filter=names, stop_at_layer=stop)
         acts = {h: _flatten_heads(cache[h]) for h in hooks}
-        return ForwardOutput(activations=acts, logits=logits, resume={h: cache[h] for h in resume_hooks})
+        return ForwardOutput(activations=acts, logits=output if stop is None else None,
+                             resume={h: cache[h] for h in resume_hooks})
 
     def forward_with_replacement(
         self, batch: Batch, clean: ForwardOutput, hook: str, replacement: Replacement

@@ -178,8 +178,8 @@ class ToyModelAdapter(ModelAdapter):
         return self.model.cfg.n_hidden
 
     @torch.no_grad()
-    def forward(self, batch: Batch, hooks: Sequence[str]) -> ForwardOutput:
-        """``activations["hidden"]``: ``[batch, 1, n_hidden]``; a toy model has no logits."""
+    def forward(self, batch: Batch, hooks: Sequence[str], logits: bool = True) -> ForwardOutput:
+        """``activations["hidden"]``: ``[batch, 1, n_hidden]``; a toy model has no logits, whatever ``logits`` asks."""
         for hook in hooks:
             self.hook_width(hook)
         x = batch.inputs.to(device=self.device, dtype=self.model.W.dtype)
