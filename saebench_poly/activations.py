@@ -87,18 +87,21 @@ def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Ba
     """Feed every batch to every entry's accumulators; returns the number of tokens scored."""
     hooks = sorted({s.entry.hook for s in scored})
     downstream_hooks = sorted({s.entry.hook for s in scored if s.needs_downstream})
-    tokens = 0
+    tokens = contexts = 0
     with torch.no_grad():
         for batch in batches:
             batch = batch.to(adapter.device)
             clean = adapter.forward(batch, hooks, logits=bool(downstream_hooks))
             activations = {hook: clean.activations[hook][batch.score_mask] for hook in hooks}
+            context, position = batch.score_mask.nonzero(as_tuple=True)
+            context = context + contexts
+            contexts += batch.score_mask.shape[0]
             downstream = _DownstreamPass(adapter, batch, clean, downstream_hooks) if downstream_hooks else None
             for item in scored:
                 x = activations[item.entry.hook]
                 z = item.entry.encode(x)
                 x_hat = item.entry.decode(z)
-                entry_batch = EntryBatch(x=x, z=z, x_hat=x_hat)
+                entry_batch = EntryBatch(x=x, z=z, x_hat=x_hat, context=context, position=position)
                 if item.needs_downstream:
                     entry_batch.downstream = downstream.statistics(item.entry.hook, x, x_hat)
                 for accumulator in item.accumulators:

@@ -48,11 +48,15 @@ class DownstreamBatch:
 @dataclass
 class EntryBatch:
     """What an entry produced on one batch, at its scored positions: activations ``x`` ``[N, d_in]``, code ``z``
-    ``[N, width]``, reconstruction ``x_hat`` ``[N, d_in]``, and downstream statistics when requested."""
+    ``[N, width]``, reconstruction ``x_hat`` ``[N, d_in]``, where each row came from (``context`` ``[N]``: the
+    context's index in the scored data, counted from 0 across batches; ``position`` ``[N]``: the token's position in
+    it), and downstream statistics when requested."""
 
     x: torch.Tensor
     z: torch.Tensor
     x_hat: torch.Tensor
+    context: torch.Tensor | None = None
+    position: torch.Tensor | None = None
     downstream: DownstreamBatch | None = None
 
 
