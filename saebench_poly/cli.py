@@ -127,7 +127,7 @@ def list_registered() -> None:
 
 @app.command()
 def hooks(spec: Annotated[str, typer.Argument(help="Spec file or name.")] = DEFAULT_SPEC) -> None:
-    """Print the hooks of a spec's model with their widths."""
+    """Print the hooks of a spec's model with their widths (tab-separated, for scripts)."""
     import torch
 
     from saebench_poly.models import MODEL_LOADERS
@@ -138,7 +138,7 @@ def hooks(spec: Annotated[str, typer.Argument(help="Spec file or name.")] = DEFA
     model = loaded.spec.model
     adapter = MODEL_LOADERS.get(model.loader)(model, resolve_device(loaded.spec.device), getattr(torch, loaded.spec.dtype))
     for name in adapter.hook_names():
-        out_console.print(f"{name}\t{adapter.hook_width(name)}")
+        typer.echo(f"{name}\t{adapter.hook_width(name)}")
 
 
 def main() -> None:

@@ -90,3 +90,11 @@ def test_the_embedded_default_runs_and_saes_beat_neurons_at_finding_true_feature
     assert wide.loc["topk-2", "l0"] <= 2 and wide.loc["topk-4", "l0"] <= 4
     assert wide.loc["l1-0.3", "mean_max_cosine"] > wide.loc["neurons:hidden", "mean_max_cosine"] + 0.1
     assert wide.loc["neurons:hidden", "fvu"] == 0
+
+
+def test_hooks_lists_the_models_hooks_with_their_widths(tl_spec, run_cli) -> None:
+    code, out, err = run_cli("hooks", str(tl_spec()))
+    assert code == 0, err
+    widths = dict(line.split("\t") for line in out.strip().splitlines())
+    assert widths[RESID] == str(D_MODEL) and widths["blocks.1.mlp.hook_post"] == str(D_MLP)
+    assert widths["blocks.0.attn.hook_z"] == str(D_MODEL)

@@ -12,6 +12,7 @@ import difflib
 import json
 import re
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -104,26 +105,30 @@ class HookedTransformerAdapter(ModelAdapter):
         self.revision = revision
         self.tokenizer = model.tokenizer
         self.bos_token_id = getattr(model.tokenizer, "bos_token_id", None)
-        self._widths: dict[str, int] = {}
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def hook_names(self) -> list[str]:
-        return sorted(self.model.hook_dict)
+        """The hooks that fire in a forward pass (some exist only with config flags, e.g. ``attn.hook_result``)."""
+        return sorted(self._widths)
+
+    @cached_property
+    def _widths(self) -> dict[str, int]:
+        tokens = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            _, cache = self.model.run_with_cache(tokens)
+        return {name: int(act[0, 0].numel()) for name, act in cache.items()}
 
     def hook_width(self, hook: str) -> int:
-        if hook not in self.model.hook_dict:
-            close = difflib.get_close_matches(hook, list(self.model.hook_dict), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else "; `saebench-poly hooks` lists them"
-            raise UserError(f"model {self.model_id!r} has no hook {hook!r}{hint}")
-        if hook not in self._widths:
-            tokens = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-            with torch.no_grad():
-                _, cache = self.model.run_with_cache(tokens, names_filter=[hook])
-            self._widths[hook] = int(cache[hook][0, 0].numel())
-        return self._widths[hook]
+        if hook in self._widths:
+            return self._widths[hook]
+        if hook in self.model.hook_dict:
+            raise UserError(f"hook {hook!r} of model {self.model_id!r} does not fire with this model's configuration")
+        close = difflib.get_close_matches(hook, self.hook_names(), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else "; `saebench-poly hooks` lists them"
+        raise UserError(f"model {self.model_id!r} has no hook {hook!r}{hint}")
 
     def comparison_neuron_hook(self, hook: str) -> str | None:
         """``blocks.L.*`` -> ``blocks.L.mlp.hook_post``: the MLP hidden units of the same block (None for
