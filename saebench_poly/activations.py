@@ -3,6 +3,7 @@ every entry and every accumulator. Nothing larger than one batch's activations a
 
 Downstream statistics need the model re-run with a hook's activations replaced: once per hook for the
 zero-ablation and once per entry for its reconstruction (from the hook's block onwards where the adapter can).
+After the pass, `revisit` lets accumulators run a few chosen scored contexts again (characteristic examples).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from saebench_poly.metrics.base import Accumulator, DownstreamBatch, EntryBatch
+from saebench_poly.metrics.base import Accumulator, DownstreamBatch, EntryBatch, ScoredContexts
 from saebench_poly.metrics.downstream import cross_entropy, kl_divergence, next_token_log_probs
 from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter
 from saebench_poly.sources.base import Entry
@@ -111,6 +112,17 @@ def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Ba
             if progress:
                 progress(scored_here)
     return tokens
+
+
+def revisit(scored: list[ScoredEntry], contexts: ScoredContexts, progress: Progress | None = None) -> None:
+    """After the pass, each accumulator may run chosen scored contexts through the model again
+    (`Accumulator.revisit`); ``progress`` advances by one per entry."""
+    with torch.no_grad():
+        for item in scored:
+            for accumulator in item.accumulators:
+                accumulator.revisit(contexts)
+            if progress:
+                progress(1)
 
 
 class _DownstreamPass:

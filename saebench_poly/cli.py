@@ -23,9 +23,10 @@ from saebench_poly.errors import UserError
 DEFAULT_SPEC = "toy-superposition"
 REPOSITORY_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # Leaderboard metric -> column heading of the summary table printed after a run.
-SUMMARY_METRICS = {"l0": "L0", "dead_fraction": "dead", "fvu": "FVU", "cosine_similarity": "cos",
+SUMMARY_METRICS = {"l0": "L0", "dead_fraction": "dead", "rate_bits_per_token": "rate", "fvu": "FVU", "cosine_similarity": "cos",
                    "ce_increase": "dCE", "kl_divergence": "KL", "ce_loss_recovered": "CE rec",
-                   "mean_max_cosine": "feat cos", "fraction_recovered": "feat rec"}
+                   "mean_max_cosine": "feat cos", "fraction_recovered": "feat rec",
+                   "mean_effective_behaviours": "eff beh", "monosemantic_fraction": "mono"}
 EXIT_USER_ERROR = 2
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -139,6 +140,131 @@ def hooks(spec: Annotated[str, typer.Argument(help="Spec file or name.")] = DEFA
     adapter = MODEL_LOADERS.get(model.loader)(model, resolve_device(loaded.spec.device), getattr(torch, loaded.spec.dtype))
     for name in adapter.hook_names():
         typer.echo(f"{name}\t{adapter.hook_width(name)}")
+
+
+@app.command()
+def submit(
+    results: Annotated[Path, typer.Argument(help="Results file written by `saebench-poly run SPEC --output FILE`.")],
+    leaderboard: Annotated[Path, typer.Option(help="Leaderboard to add the entries to (leaderboards/<name>.parquet).")],
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an entry already on the leaderboard (same weights or name).")] = False,
+) -> None:
+    """Validate a results file and add its entries to a leaderboard, atomically; print where they rank."""
+    from saebench_poly.submit import submit as submit_results
+
+    done = submit_results(results, leaderboard, replace=replace)
+    replaced = f" (replacing {', '.join(done.replaced)})" if done.replaced else ""
+    out_console.print(f"added {', '.join(done.added)} to {done.leaderboard}{replaced}")
+    if done.skipped:
+        out_console.print(f"left out {', '.join(done.skipped)}: the leaderboard has its own")
+    from saebench_poly.frontier import FRONTIERS
+
+    shown = list(dict.fromkeys([*SUMMARY_METRICS, *(m for axes in FRONTIERS.values() for m in axes)]))
+    for name, frame in done.standings.items():
+        out_console.print(standing_table(name, frame[frame["metric"].isin(shown)]))
+
+
+def standing_table(name: str, frame: Any) -> Table:
+    """An entry's value and rank on each metric, beside its raw-neuron baseline's value."""
+    neurons = frame.attrs.get("neurons")
+    table = Table(title=f"{name}: rank among the entries of its spec", caption="rank 1 is best; - = no better direction")
+    for column, justify in (("metric", "left"), ("better", "left"), ("value", "right"), ("rank", "right"),
+                            (neurons or "raw neurons", "right")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    for row in frame.itertuples():
+        rank = "-" if row.rank is None or row.rank != row.rank else f"{row.rank:.0f} of {row.of}"
+        table.add_row(row.metric, row.direction, f"{row.value:.4g}", rank, f"{row.neurons:.4g}")
+    return table
+
+
+@app.command()
+def show(
+    leaderboard: Annotated[Path, typer.Argument(help="Leaderboard file.")],
+    model: Annotated[str | None, typer.Option(help="Only entries on this model (model_id).")] = None,
+    hook: Annotated[str | None, typer.Option(help="Only entries at this hook.")] = None,
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="A metric to show (repeatable; default: the summary metrics).")] = None,
+    rank_by: Annotated[str | None, typer.Option(help="Rank by this metric (default: the mean rank over the metrics shown).")] = None,
+) -> None:
+    """Print a leaderboard's entries, ranked, one table per spec hash (only those are comparable)."""
+    import difflib
+
+    import pandas as pd
+
+    from saebench_poly.frontier import FRONTIERS
+    from saebench_poly.leaderboard import entry_keys, read_table
+    from saebench_poly.ranking import MEAN_RANK, ranked
+
+    if not leaderboard.is_file():
+        raise UserError(f"there is no leaderboard at {leaderboard}")
+    rows = read_table(leaderboard)
+    for column, wanted in (("model_id", model), ("hook", hook)):
+        if wanted is not None:
+            if wanted not in set(rows[column]):
+                raise UserError(f"{leaderboard} has no entries with {column} {wanted!r} (it has {', '.join(sorted(set(rows[column])))})")
+            rows = rows[rows[column] == wanted]
+    available = list(dict.fromkeys(rows["metric"]))
+    for name in [*(metric or []), *([rank_by] if rank_by else [])]:
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise UserError(f"{leaderboard} has no metric {name!r}{hint}")
+    shown = metric or [m for m in SUMMARY_METRICS if m in available]
+    for spec_hash, group in rows.groupby("spec_hash", sort=False):
+        table_rows = ranked(group, shown, rank_by)
+        described = group.assign(key=entry_keys(group)).drop_duplicates("key").set_index("key")
+        names = described["entry"]
+        frontiers = [f for f in FRONTIERS if f in described.columns and described[f].notna().any()]
+        title = f"{', '.join(sorted(set(group['spec_name'])))} (spec {spec_hash[:12]}) on {', '.join(sorted(set(group['model_id'])))}"
+        table = Table(title=title, caption=", ".join(f"{SUMMARY_METRICS.get(m, m)} = {m}" for m in shown if m in SUMMARY_METRICS))
+        for column in ("rank", "entry", "kind", "hook", "width"):
+            table.add_column(column, justify="right" if column in ("rank", "width") else "left", no_wrap=True)
+        extra = [MEAN_RANK] if MEAN_RANK in table_rows.columns else []
+        for column in [*shown, *extra]:
+            table.add_column(SUMMARY_METRICS.get(column, column), justify="right", no_wrap=True)
+        for column in frontiers:
+            table.add_column(column.removeprefix("pareto_").replace("_", "-"), justify="center")
+        for key, values in table_rows.iterrows():
+            info = described.loc[key]
+            label = info["entry"] if (names == info["entry"]).sum() == 1 else f"{info['entry']} ({info['spec_name']})"
+            cells = ["-" if values[m] != values[m] else f"{values[m]:.4g}" for m in [*shown, *extra]]
+            flags = ["-" if pd.isna(info[f]) else ("yes" if info[f] else "") for f in frontiers]
+            table.add_row(f"{values['rank']:.0f}" if values["rank"] == values["rank"] else "-", label, str(info["entry_kind"]),
+                          str(info["hook"]), str(info["width"]), *cells, *flags)
+        out_console.print(table)
+
+
+@app.command()
+def check(
+    candidate: Annotated[str, typer.Argument(help="sae-lens checkpoint folder, or a results file (FILE or FILE::ENTRY).")],
+    baseline: Annotated[str, typer.Option(help="Results file, or one entry of a results file or leaderboard: FILE::ENTRY.")],
+    spec: Annotated[str, typer.Option(help="Spec (file or name) that scores a checkpoint folder; the baseline's.")] = DEFAULT_SPEC,
+    two_sided: Annotated[bool, typer.Option("--two-sided", help="Also fail when a metric improves beyond its tolerance.")] = False,
+    update_baseline: Annotated[bool, typer.Option("--update-baseline", help="Write the candidate over the baseline file, on purpose.")] = False,
+    report_dir: Annotated[Path, typer.Option(help="Folder for check-report.md, check-report.json and candidate.parquet.")] = Path("check-report"),
+    tolerance: Annotated[list[str] | None, typer.Option("--tolerance", help="METRIC=ABS,REL: replace a metric's tolerance (repeatable).")] = None,
+) -> None:
+    """Compare a checkpoint or results file with a baseline, metric by metric, within per-metric tolerances.
+
+    Exit status: 0 pass, 1 a metric regressed or is missing, 2 usage or validation error, 3 not comparable."""
+    from saebench_poly.regression import check as check_regression
+    from saebench_poly.regression import parse_tolerances
+    from saebench_poly.results import split_reference
+
+    spec_path = resolve_spec_path(spec) if split_reference(candidate)[0].is_dir() else None
+    report = check_regression(candidate, baseline, spec_path=spec_path, two_sided=two_sided, update_baseline=update_baseline,
+                              report_dir=report_dir, tolerances=parse_tolerances(tolerance or []), reporter=RichReporter(err_console))
+    moved = [(cells, fails) for cells, fails, status in report.rows() if status != "ok"]
+    if moved:
+        table = Table(title=f"{report.candidate} vs {report.baseline}: metrics that moved beyond their tolerance",
+                      caption=f"{len(report.checks) - len(moved)} other metrics within tolerance (all in the report)")
+        for column in ("entry", "metric", "better", "baseline", "candidate", "change", "allowed", "status"):
+            table.add_column(column, justify="right" if column in ("baseline", "candidate", "change", "allowed") else "left", no_wrap=True)
+        for cells, fails in moved:
+            table.add_row(*cells, style="red" if fails else "yellow")
+        out_console.print(table)
+    for line in [*report.not_comparable, *report.notes]:
+        out_console.print(line, markup=False, highlight=False)
+    out_console.print(f"check: {report.summary()}; reports in {report_dir}", markup=False, highlight=False)
+    raise typer.Exit(report.exit_code)
 
 
 def main() -> None:

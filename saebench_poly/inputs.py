@@ -53,6 +53,40 @@ class Inputs:
         skip = 0 if part == "fit" else self._contexts(self.spec.fit_tokens)
         return token_batches(self.dataset, self._contexts(tokens), batch_size, skip_contexts=skip)
 
+    def scored_contexts(self, contexts: torch.Tensor, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, Batch]]:
+        """The ``score`` contexts with indices ``contexts`` (as `EntryBatch.context` counts them: from 0, across the
+        batches of ``score``), in increasing order, in batches of at most ``batch_size``: (their indices, their batch).
+        The data are read again from the start (no model runs), so the contexts are exactly those that were scored."""
+        wanted = torch.unique(contexts.detach().cpu().to(torch.int64))
+        batch_size = batch_size or self.spec.batch_size
+        if wanted.numel() and (int(wanted[0]) < 0 or int(wanted[-1]) >= self.contexts_in("score")):
+            raise ValueError(f"context indices must lie in [0, {self.contexts_in('score')}), got {wanted[0]}..{wanted[-1]}")
+        pending: list[tuple[torch.Tensor, Batch]] = []
+        held = start = taken = 0
+        for batch in self.batches("score"):
+            if taken == wanted.numel():
+                break
+            end = start + batch.score_mask.shape[0]
+            upto = int(torch.searchsorted(wanted, end))
+            if upto > taken:
+                rows = wanted[taken:upto] - start
+                pending.append((wanted[taken:upto], Batch(batch.inputs[rows], batch.score_mask[rows])))
+                held, taken = held + upto - taken, upto
+            while held >= batch_size or (held and taken == wanted.numel()):
+                indices = torch.cat([i for i, _ in pending])
+                inputs = torch.cat([b.inputs for _, b in pending])
+                mask = torch.cat([b.score_mask for _, b in pending])
+                yield indices[:batch_size], Batch(inputs[:batch_size], mask[:batch_size])
+                rest = indices.shape[0] - batch_size
+                pending = [(indices[batch_size:], Batch(inputs[batch_size:], mask[batch_size:]))] if rest > 0 else []
+                held = max(rest, 0)
+            start = end
+
+    def contexts_in(self, part: Part) -> int:
+        """How many contexts (samples for toy models) ``part`` holds."""
+        tokens = self.spec.fit_tokens if part == "fit" else self.spec.tokens
+        return tokens if self.synthetic else self._contexts(tokens)
+
     def tokens_in(self, part: Part) -> int:
         """How many tokens ``part`` scores (an upper bound for language models, whose last context may overshoot)."""
         tokens = self.spec.fit_tokens if part == "fit" else self.spec.tokens

@@ -5,13 +5,18 @@ A leaderboard is long: one row per (entry, metric), with the run's provenance on
 once, with a version stored in each file's metadata and checked on every read and write. A write replaces the rows
 of the spec being written (so re-running a spec never duplicates it), goes to a temporary file in the same folder
 and is renamed over the old file, under a file lock: readers see the old file or the new one, never a mix.
+Every read-modify-write goes through `update`, so concurrent writers (runs, submits) lose no rows. The file
+metadata also carries each entry's digest and each spec's settings (`saebench_poly.integrity`).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -19,10 +24,15 @@ import pyarrow.parquet as pq
 from filelock import FileLock
 
 from saebench_poly.errors import UserError, first_line
+from saebench_poly.frontier import recompute_frontier
+from saebench_poly.integrity import DIGESTED_COLUMNS, FileProvenance, digest_table, entry_key
 
-SCHEMA_VERSION = 1
+# 2: leaderboard gains the frontier flags (pareto_*), the per-unit table the capacity, neuron_truth and
+#    polysemanticity (neuron-embedding) columns.
+SCHEMA_VERSION = 2
 SCHEMA_METADATA_KEY = b"saebench_poly.schema_version"
 TABLE_METADATA_KEY = b"saebench_poly.table"
+PROVENANCE_METADATA_KEY = b"saebench_poly.provenance"
 
 PROVENANCE_FIELDS = [
     pa.field("schema_version", pa.int32(), nullable=False),
@@ -49,6 +59,9 @@ LEADERBOARD_SCHEMA = pa.schema(
         pa.field("metric_family", pa.string(), nullable=False),
         pa.field("direction", pa.string(), nullable=False),
         pa.field("value", pa.float64(), nullable=True),
+        # the entry's place on the rate-distortion(-polysemanticity) frontier of its group (saebench_poly.frontier)
+        pa.field("pareto_rate_distortion", pa.bool_(), nullable=True),
+        pa.field("pareto_rate_distortion_polysemanticity", pa.bool_(), nullable=True),
         pa.field("dataset_id", pa.string(), nullable=False),
         pa.field("dataset_revision", pa.string(), nullable=False),
         pa.field("tokenizer", pa.string(), nullable=False),
@@ -71,6 +84,27 @@ UNITS_SCHEMA = pa.schema(
         pa.field("unit", pa.int64(), nullable=False),
         pa.field("firing_frequency", pa.float64(), nullable=True),
         pa.field("max_activation", pa.float64(), nullable=True),
+        # saebench_poly.metrics.capacity: C_i over all units, over live units, and the size of the unit's block
+        pa.field("capacity", pa.float64(), nullable=True),
+        pa.field("capacity_live", pa.float64(), nullable=True),
+        pa.field("capacity_block_size", pa.float64(), nullable=True),
+        # saebench_poly.metrics.neuron_truth (raw neurons of models that know their features): per neuron
+        pa.field("neuron_truth_pr", pa.float64(), nullable=True),
+        pa.field("neuron_truth_features_by_weights", pa.float64(), nullable=True),
+        # saebench_poly.metrics.polysemanticity (neuron embeddings, Foote 2024): status (ok, too_few_examples,
+        # no_embedding), characteristic examples, behaviours K at tau and at each tau of tau_sweep, exp(H), the
+        # largest behaviour's share, the mean cosine of the examples, and each behaviour's size and central example
+        pa.field("poly_status", pa.string(), nullable=True),
+        pa.field("n_examples", pa.int64(), nullable=True),
+        pa.field("n_behaviours", pa.int64(), nullable=True),
+        pa.field("tau", pa.float64(), nullable=True),
+        pa.field("tau_sweep", pa.list_(pa.float64()), nullable=True),
+        pa.field("n_behaviours_sweep", pa.list_(pa.int64()), nullable=True),
+        pa.field("effective_behaviours", pa.float64(), nullable=True),
+        pa.field("largest_behaviour_share", pa.float64(), nullable=True),
+        pa.field("mean_example_cosine", pa.float64(), nullable=True),
+        pa.field("behaviour_sizes", pa.list_(pa.int64()), nullable=True),
+        pa.field("central_examples", pa.list_(pa.struct([("context", pa.int64()), ("position", pa.int64())])), nullable=True),
     ]
 )
 
@@ -94,16 +128,52 @@ def read_table(path: Path, schema: pa.Schema = LEADERBOARD_SCHEMA) -> pd.DataFra
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
         raise UserError(f"{path} lacks the columns {missing}: it is not a complete saebench-poly table")
-    return table.select(schema.names).cast(schema).to_pandas()
+    table = table.select(schema.names)
+    empty = [f"{f.name} ({table.column(f.name).null_count})" for f in schema if not f.nullable and table.column(f.name).null_count]
+    if empty:
+        raise UserError(f"{path} has empty values in columns that must be filled: {', '.join(empty)}")
+    try:
+        return table.cast(schema).to_pandas()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        wrong = [f"{f.name} is {table.schema.field(f.name).type}, not {f.type}" for f in schema
+                 if not table.schema.field(f.name).type.equals(f.type)]
+        raise UserError(f"{path} has columns of the wrong type: {'; '.join(wrong)}") from None
 
 
-def to_arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
-    """``frame`` as a table of exactly ``schema`` (a missing or extra column is a bug, and raises)."""
+def read_provenance(path: Path) -> FileProvenance:
+    """The digests, spec settings and submitted entries recorded in a leaderboard file's metadata."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as err:
+        raise UserError(f"{path} is not a readable Parquet file ({first_line(err)}); it was left untouched") from None
+    try:
+        return FileProvenance.from_json(metadata.get(PROVENANCE_METADATA_KEY))
+    except (ValueError, TypeError, AttributeError):
+        raise UserError(f"{path} has unreadable saebench_poly provenance metadata; it was left untouched") from None
+
+
+def entry_keys(frame: pd.DataFrame) -> pd.Series:
+    """Each row's ``<run_id>/<entry>``: which scored entry it belongs to."""
+    return pd.Series([entry_key(r, e) for r, e in zip(frame["run_id"], frame["entry"], strict=True)], index=frame.index, dtype=object)
+
+
+def entry_digests(rows: pd.DataFrame) -> dict[str, str]:
+    """The digest of each entry in ``rows`` (`saebench_poly.integrity.digest_table`)."""
+    schema = pa.schema([LEADERBOARD_SCHEMA.field(name) for name in DIGESTED_COLUMNS])
+    return digest_table(pa.Table.from_pandas(rows[list(DIGESTED_COLUMNS)], schema=schema, preserve_index=False))
+
+
+def to_arrow(frame: pd.DataFrame, schema: pa.Schema, provenance: FileProvenance | None = None) -> pa.Table:
+    """``frame`` as a table of exactly ``schema`` (a missing or extra column is a bug, and raises), with the
+    schema version and, when given, the provenance record in its metadata."""
     if sorted(frame.columns) != sorted(schema.names):
         raise ValueError(f"columns {sorted(frame.columns)} do not match the schema {sorted(schema.names)}")
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
     table_name = b"leaderboard" if schema.equals(LEADERBOARD_SCHEMA) else b"units"
-    return table.replace_schema_metadata({SCHEMA_METADATA_KEY: str(SCHEMA_VERSION).encode(), TABLE_METADATA_KEY: table_name})
+    metadata = {SCHEMA_METADATA_KEY: str(SCHEMA_VERSION).encode(), TABLE_METADATA_KEY: table_name}
+    if provenance is not None:
+        metadata[PROVENANCE_METADATA_KEY] = provenance.to_json()
+    return table.replace_schema_metadata(metadata)
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
@@ -121,17 +191,60 @@ def write_atomic(table: pa.Table, path: Path) -> None:
             os.unlink(temporary)
 
 
-def replace_spec_rows(path: Path, spec_name: str, rows: pd.DataFrame, units: pd.DataFrame) -> None:
-    """Put ``rows`` (and ``units``) in the leaderboard at ``path`` in place of the rows of ``spec_name``.
+@dataclass
+class Contents:
+    """A leaderboard's rows, its per-unit rows and its provenance record."""
+
+    rows: pd.DataFrame
+    units: pd.DataFrame
+    provenance: FileProvenance
+
+
+def concat(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Row-wise concatenation that skips empty frames (whose column types pandas cannot reconcile)."""
+    filled = [f for f in frames if len(f)]
+    return pd.concat(filled, ignore_index=True) if filled else frames[0].iloc[0:0]
+
+
+def update(path: Path, change: Callable[[Contents], Contents]) -> Contents:
+    """Read the leaderboard at ``path`` (empty when there is none), apply ``change``, and write the result, all
+    under the file lock, so concurrent updates are serialised and none is lost; returns what was written. The
+    frontier flags of every row are recomputed from the new rows (`saebench_poly.frontier.recompute_frontier`).
 
     Both files are validated before anything is written; the per-unit table is renamed into place first, so the
-    leaderboard's rename is the commit point. The lock serialises concurrent writers."""
+    leaderboard's rename is the commit point (units of entries the leaderboard does not hold, left by a write
+    interrupted between the two renames, are dropped). An unreadable file raises and is left untouched."""
+    units_file = units_path(path)
     with FileLock(str(path) + ".lock"):
-        merged = {}
-        for target, new, schema in ((units_path(path), units, UNITS_SCHEMA), (path, rows, LEADERBOARD_SCHEMA)):
-            if target.exists():
-                old = read_table(target, schema)
-                new = pd.concat([old[old["spec_name"] != spec_name], new], ignore_index=True) if len(old) else new
-            merged[target] = to_arrow(new, schema)
-        for target, table in merged.items():
+        rows = read_table(path) if path.exists() else LEADERBOARD_SCHEMA.empty_table().to_pandas()
+        units = read_table(units_file, UNITS_SCHEMA) if units_file.exists() else UNITS_SCHEMA.empty_table().to_pandas()
+        old = Contents(rows, _held(units, rows), read_provenance(path) if path.exists() else FileProvenance())
+        new = change(old)
+        new.rows = recompute_frontier(new.rows)
+        keys = set(entry_keys(new.rows))
+        written = Contents(new.rows, _held(new.units, new.rows), new.provenance.restricted_to(keys, new.rows["spec_hash"]))
+        tables = {units_file: to_arrow(written.units, UNITS_SCHEMA),
+                  path: to_arrow(written.rows, LEADERBOARD_SCHEMA, written.provenance)}
+        for target, table in tables.items():
             write_atomic(table, target)
+        return written
+
+
+def _held(units: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The per-unit rows of entries that ``rows`` holds."""
+    return units[entry_keys(units).isin(set(entry_keys(rows)))] if len(units) else units
+
+
+def replace_spec_rows(path: Path, spec_name: str, rows: pd.DataFrame, units: pd.DataFrame,
+                      settings: dict[str, Any] | None = None) -> None:
+    """Put ``rows`` (and ``units``) in the leaderboard at ``path`` in place of the rows of ``spec_name``, except
+    entries that ``submit`` added; record the new entries' digests and the spec's ``settings``."""
+    added = FileProvenance(digests=entry_digests(rows), specs={rows["spec_hash"].iloc[0]: settings} if settings else {})
+
+    def change(old: Contents) -> Contents:
+        kept = {k for k in entry_keys(old.rows) if k in old.provenance.submitted}
+        keep_rows = (old.rows["spec_name"] != spec_name) | entry_keys(old.rows).isin(kept)
+        keep_units = (old.units["spec_name"] != spec_name) | entry_keys(old.units).isin(kept)
+        return Contents(concat(old.rows[keep_rows], rows), concat(old.units[keep_units], units), old.provenance.merged(added))
+
+    update(path, change)

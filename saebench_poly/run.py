@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 
 from saebench_poly import leaderboard
-from saebench_poly.activations import ScoredEntry, fit_baselines, score
+from saebench_poly.activations import ScoredEntry, fit_baselines, revisit, score
 from saebench_poly.errors import UserError
 from saebench_poly.inputs import Inputs
-from saebench_poly.metrics import resolve_metrics
+from saebench_poly.metrics import build_accumulator, resolve_metric_options, resolve_metrics
 from saebench_poly.models import MODEL_LOADERS, ModelAdapter
 from saebench_poly.provenance import git_commit, package_versions
 from saebench_poly.sources import Entry, SourceContext, load_entry
@@ -83,6 +83,7 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
     device = resolve_device(spec.device)
     dtype = getattr(torch, spec.dtype)
     metrics = resolve_metrics(spec.metrics)
+    metric_options = resolve_metric_options(spec.metric_options)
     reporter.message(f"{spec.name}: loading the {spec.model.loader} model on {device}")
     adapter: ModelAdapter = MODEL_LOADERS.get(spec.model.loader)(spec.model, device, dtype)
     for hook in spec.hooks:
@@ -98,14 +99,17 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
     for entry in entries:
         entry.to(device, dtype)
         families = {accumulator for _, accumulator in metrics.values() if accumulator.applies(entry, adapter)}
-        scored.append(ScoredEntry(entry, [family(entry, adapter) for family in sorted(families, key=lambda f: f.__name__)]))
+        accumulators = [build_accumulator(family, entry, adapter, metric_options) for family in sorted(families, key=lambda f: f.__name__)]
+        scored.append(ScoredEntry(entry, accumulators))
     with reporter.task(f"scoring {len(entries)} entries", inputs.tokens_in("score")) as advance:
         tokens = score(adapter, scored, inputs.batches("score"), advance)
+    with reporter.task("characteristic examples", len(scored)) as advance:
+        revisit(scored, inputs.scored_contexts, advance)
 
     rows, units = _records(loaded, adapter, inputs, scored, metrics, tokens, device)
     output = loaded.output_path
     if write:
-        leaderboard.replace_spec_rows(output, spec.name, rows, units)
+        leaderboard.replace_spec_rows(output, spec.name, rows, units, settings=spec.settings())
     return RunResult(rows=rows, units=units, output=output, tokens_scored=tokens)
 
 
@@ -211,7 +215,8 @@ def _records(loaded: LoadedSpec, adapter: ModelAdapter, inputs: Inputs, scored: 
                 rows.append({**described, **run_provenance, "metric": name, "metric_version": metric.version,
                              "metric_family": metric.family, "direction": metric.direction, "value": float(value),
                              "weights_sha256": sha})
-            unit_columns.update({k: v.detach().cpu().numpy() for k, v in accumulator.unit_values().items()})
+            unit_columns.update({k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+                                 for k, v in accumulator.unit_values().items()})
         frame = pd.DataFrame({"unit": np.arange(item.entry.width), **unit_columns})
         for column in leaderboard.UNITS_SCHEMA.names:
             if column not in frame:

@@ -6,22 +6,23 @@ the folder of the spec file. ``{name}`` in ``output`` and ``artifacts`` is repla
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from saebench_poly.data import DatasetConfig
 from saebench_poly.errors import UserError
+from saebench_poly.integrity import settings_hash
 from saebench_poly.models.base import ModelConfig
 from saebench_poly.training import SAETrainingConfig
 
 BASELINE_SCHEMES = ("neurons", "pca", "random")
 DATASET_KINDS = ("hub", "text", "jsonl", "parquet", "tokens", "synthetic")
+# Model loaders whose models sample their own inputs (dataset kind "synthetic"); their `name` is always a folder.
+SYNTHETIC_LOADERS = ("toy", "incidental")
 
 
 class SyntheticDataConfig(BaseModel):
@@ -70,6 +71,8 @@ class BenchmarkSpec(BaseModel):
     entries: list[EntrySpec] = Field(default_factory=list)
     train: list[TrainedSAESpec] = Field(default_factory=list)
     metrics: list[str] | None = None
+    # [metric_options.<family>]: parameters of a metric family (its `Options`), validated when the spec is run.
+    metric_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tokens: Annotated[int, Field(gt=0)]
     fit_tokens: Annotated[int, Field(ge=0)] = 8192
     context_size: Annotated[int, Field(gt=0)] = 128
@@ -81,6 +84,8 @@ class BenchmarkSpec(BaseModel):
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     output: str = "../leaderboards/{name}.parquet"
     artifacts: str = ".artifacts/{name}"
+    # (section, key) -> a local path as the spec file wrote it, before `load_spec` made it absolute.
+    _written_paths: dict[tuple[str, str], str] = PrivateAttr(default_factory=dict)
 
     @field_validator("entries", mode="before")
     @classmethod
@@ -90,20 +95,29 @@ class BenchmarkSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_synthetic_data(self) -> BenchmarkSpec:
-        if (self.dataset.kind == "synthetic") != (self.model.loader == "toy"):
-            raise ValueError("dataset kind 'synthetic' goes with model loader 'toy', and only with it")
+        if (self.dataset.kind == "synthetic") != (self.model.loader in SYNTHETIC_LOADERS):
+            raise ValueError(f"dataset kind 'synthetic' goes with the model loaders {', '.join(SYNTHETIC_LOADERS)}, and only with them")
         return self
 
-    def settings_hash(self) -> str:
-        """sha256 of the evaluation settings: what the numbers depend on (model, data, token counts, context,
-        BOS handling, seed, dtype, metrics), not which entries are scored, where results go, the device or the
-        batch size. Two results are comparable when their hashes are equal."""
+    def settings(self) -> dict[str, Any]:
+        """The evaluation settings: what the numbers depend on (model, data, token counts, context, BOS handling,
+        seed, dtype, metrics and their options), not which entries are scored, where results go, the device or the
+        batch size.
+        Local paths appear as the spec file wrote them, so the same spec gives the same settings in any checkout."""
         settings = self.model_dump(
             mode="json",
             include={"model", "dataset", "tokens", "fit_tokens", "context_size", "prepend_bos", "bos_token_id",
                      "seed", "dtype", "metrics"},
         )
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        if self.metric_options:  # only when set, so that specs without options keep their hash
+            settings["metric_options"] = self.metric_options
+        for (section, key), written in self._written_paths.items():
+            settings[section][key] = written
+        return settings
+
+    def settings_hash(self) -> str:
+        """sha256 of `settings` (canonical JSON). Two results are comparable when their hashes are equal."""
+        return settings_hash(self.settings())
 
 
 class LoadedSpec(BaseModel):
@@ -152,9 +166,11 @@ def load_spec(path: str | Path) -> LoadedSpec:
 def _resolve_paths(loaded: LoadedSpec) -> None:
     """Local model folders and data files become absolute, so that loaders never see spec-relative paths."""
     spec = loaded.spec
-    if spec.model.loader == "toy" or _looks_local(spec.model.name, loaded.base_dir):
+    if spec.model.loader in SYNTHETIC_LOADERS or _looks_local(spec.model.name, loaded.base_dir):
+        spec._written_paths["model", "name"] = spec.model.name
         spec.model.name = str(loaded.resolve(spec.model.name))
     if spec.dataset.kind not in ("hub", "synthetic"):
+        spec._written_paths["dataset", "path"] = spec.dataset.path
         spec.dataset.path = str(loaded.resolve(spec.dataset.path))
 
 
@@ -183,4 +199,5 @@ def with_overrides(loaded: LoadedSpec, overrides: dict[str, Any]) -> LoadedSpec:
         spec = BenchmarkSpec.model_validate({**loaded.spec.model_dump(exclude_unset=True), **overrides})
     except ValidationError as err:
         raise UserError(f"option {_first_problem(err)}") from None
+    spec._written_paths = {where: path for where, path in loaded.spec._written_paths.items() if where[0] not in overrides}
     return LoadedSpec(spec=spec, path=loaded.path)

@@ -19,6 +19,10 @@ import torch
 
 from saebench_poly import cli
 
+# The tests' tensors are tiny: with more than one thread torch's workers spin-wait on each other, which costs far
+# more than it saves (a toy SAE trained in 7 s with 2 threads on a loaded machine and in 0.1 s with one).
+torch.set_num_threads(1)
+
 VOCAB = 64
 D_MODEL = 16
 D_MLP = 32

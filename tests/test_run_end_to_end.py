@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from saebench_poly.leaderboard import LEADERBOARD_SCHEMA, SCHEMA_METADATA_KEY, UNITS_SCHEMA, units_path
+from saebench_poly.leaderboard import LEADERBOARD_SCHEMA, SCHEMA_METADATA_KEY, SCHEMA_VERSION, UNITS_SCHEMA, units_path
 from saebench_poly.run import run_benchmark
 from saebench_poly.spec import load_spec, with_overrides
 from tests.conftest import D_MLP, D_MODEL, write_sae
@@ -52,7 +52,7 @@ def test_cli_run_writes_a_leaderboard_with_sae_and_neuron_rows(tl_spec, sae_fold
     assert provenance["device"] == "cpu" and provenance["spec_name"] == "tiny-tl" and len(provenance["spec_hash"]) == 64
     assert rows.groupby("entry")["weights_sha256"].nunique().eq(1).all() and rows["weights_sha256"].str.len().eq(64).all()
     assert '"torch"' in provenance["package_versions"]
-    assert pq.read_schema(board).metadata[SCHEMA_METADATA_KEY] == b"1"
+    assert pq.read_schema(board).metadata[SCHEMA_METADATA_KEY] == str(SCHEMA_VERSION).encode()
     assert pq.read_schema(board).remove_metadata().equals(LEADERBOARD_SCHEMA)
     units = pd.read_parquet(units_path(board))
     assert list(units.columns) == UNITS_SCHEMA.names

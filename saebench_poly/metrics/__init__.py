@@ -7,6 +7,9 @@ group ``saebench_poly.metrics``, whose objects are `Accumulator` subclasses).
 from __future__ import annotations
 
 import difflib
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from saebench_poly.errors import UserError
 from saebench_poly.metrics.base import Accumulator, DownstreamBatch, EntryBatch, MetricSpec
@@ -17,6 +20,11 @@ ACCUMULATORS.register("sparsity", "saebench_poly.metrics.core:Sparsity")
 ACCUMULATORS.register("reconstruction", "saebench_poly.metrics.core:Reconstruction")
 ACCUMULATORS.register("downstream", "saebench_poly.metrics.downstream:Downstream")
 ACCUMULATORS.register("feature_recovery", "saebench_poly.metrics.feature_recovery:FeatureRecovery")
+ACCUMULATORS.register("capacity", "saebench_poly.metrics.capacity:Capacity")
+ACCUMULATORS.register("geometry", "saebench_poly.metrics.geometry:CodeGeometry")
+ACCUMULATORS.register("rate", "saebench_poly.metrics.rate:Rate")
+ACCUMULATORS.register("neuron_truth", "saebench_poly.metrics.neuron_truth:NeuronTruth")
+ACCUMULATORS.register("polysemanticity", "saebench_poly.metrics.polysemanticity:Polysemanticity")
 
 
 def all_metrics() -> dict[str, tuple[MetricSpec, type[Accumulator]]]:
@@ -46,4 +54,29 @@ def resolve_metrics(names: list[str] | None) -> dict[str, tuple[MetricSpec, type
     return chosen
 
 
-__all__ = ["ACCUMULATORS", "Accumulator", "DownstreamBatch", "EntryBatch", "MetricSpec", "all_metrics", "resolve_metrics"]
+def resolve_metric_options(options: dict[str, dict[str, Any]]) -> dict[type[Accumulator], BaseModel]:
+    """The validated ``[metric_options.<family>]`` tables of a spec, keyed by accumulator class; an unknown family
+    or option, or a bad value, is a `UserError`."""
+    resolved = {}
+    for family, values in options.items():
+        accumulator = ACCUMULATORS.get(family)
+        try:
+            resolved[accumulator] = accumulator.Options.model_validate(values)
+        except ValidationError as err:
+            problem = err.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            if problem["type"] == "extra_forbidden":
+                known = ", ".join(accumulator.Options.model_fields) or "none"
+                raise UserError(f"unknown option {where!r} in metric_options.{family} (it takes: {known})") from None
+            raise UserError(f"metric_options.{family}.{where}: {problem['msg']}") from None
+    return resolved
+
+
+def build_accumulator(family: type[Accumulator], entry: Any, adapter: Any, options: dict[type[Accumulator], BaseModel]) -> Accumulator:
+    """``family``'s accumulator for ``entry``, with its options when the spec set some."""
+    chosen = options.get(family)
+    return family(entry, adapter) if chosen is None else family(entry, adapter, chosen)
+
+
+__all__ = ["ACCUMULATORS", "Accumulator", "DownstreamBatch", "EntryBatch", "MetricSpec", "all_metrics", "build_accumulator",
+           "resolve_metric_options", "resolve_metrics"]

@@ -8,29 +8,37 @@ the batch size beyond float rounding. Each metric it reports is described by a `
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from saebench_poly.models.base import ModelAdapter
+    from saebench_poly.models.base import Batch, ModelAdapter
     from saebench_poly.sources.base import Entry
 
 Direction = Literal["higher", "lower", "neutral"]
+# Scored contexts looked up by index: ``contexts(indices)`` takes context indices as `EntryBatch.context` counts them
+# and yields (the indices of one batch, that batch), in increasing order (`saebench_poly.inputs.Inputs.scored_contexts`).
+ScoredContexts = Callable[[torch.Tensor], Iterator[tuple[torch.Tensor, "Batch"]]]
 
 
 @dataclass(frozen=True)
 class MetricSpec:
     """One leaderboard metric. ``direction``: which way is better (``neutral``: no better way, e.g. a ratio whose
-    ideal is 1). ``definition``: the formula, shown by ``saebench-poly list``."""
+    ideal is 1). ``definition``: the formula, shown by ``saebench-poly list``. ``bounds``: the closed interval every
+    value lies in by definition (``submit`` refuses a value outside it)."""
 
     name: str
     version: int
     direction: Direction
     family: str
     definition: str
+    bounds: tuple[float, float] = (-math.inf, math.inf)
 
 
 @dataclass
@@ -58,13 +66,33 @@ class EntryBatch:
     context: torch.Tensor | None = None
     position: torch.Tensor | None = None
     downstream: DownstreamBatch | None = None
+    _firing_counts: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def firing_counts(self) -> torch.Tensor:
+        """``[width]`` int64: on how many of the batch's rows each unit is active (z != 0); computed once per batch
+        and shared by the families that count firing."""
+        if self._firing_counts is None:
+            # a bool reduction into int32 is about twice as fast as into int64 on CPU; a batch has < 2^31 rows
+            self._firing_counts = (self.z.detach() != 0).sum(dim=0, dtype=torch.int32).to(torch.int64)
+        return self._firing_counts
+
+
+class NoOptions(BaseModel):
+    """The options of a metric family that takes none: any key is an error."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class Accumulator(ABC):
-    """Streams over an entry's batches and reports the metrics in ``metrics``."""
+    """Streams over an entry's batches and reports the metrics in ``metrics``.
+
+    A family with parameters declares them as a pydantic model in ``Options`` (unknown keys forbidden) and takes
+    ``options`` as a third constructor argument; a spec sets them under ``[metric_options.<family>]``, and the run
+    passes them only to families that were given some."""
 
     metrics: ClassVar[tuple[MetricSpec, ...]]
     needs_downstream: ClassVar[bool] = False
+    Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, entry: Entry, adapter: ModelAdapter) -> None:
         self.entry = entry
@@ -83,6 +111,12 @@ class Accumulator(ABC):
     def compute(self) -> dict[str, float]:
         """Metric name -> value."""
 
-    def unit_values(self) -> dict[str, torch.Tensor]:
-        """Per-unit columns ``[width]`` for the per-unit table (none by default)."""
+    def revisit(self, contexts: ScoredContexts) -> None:  # noqa: B027 - an optional step, not an abstract one
+        """Called once after the pass and before `compute`, for a family that must run chosen scored contexts
+        through the model again (the characteristic examples of `saebench_poly.metrics.polysemanticity`); nothing
+        by default."""
+
+    def unit_values(self) -> dict[str, torch.Tensor | Sequence[Any]]:
+        """Per-unit columns ``[width]`` for the per-unit table (none by default): tensors, or sequences (numpy or
+        pandas arrays, lists) for the columns that are strings, lists or nullable integers."""
         return {}

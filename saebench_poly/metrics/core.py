@@ -6,6 +6,8 @@ reconstruction. A unit is *active* on a token when z_ti != 0.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec
@@ -18,9 +20,9 @@ class Sparsity(Accumulator):
     dead fraction = #{i : f_i = 0} / m; dense fraction = #{i : f_i > 0.1} / m."""
 
     metrics = (
-        MetricSpec("l0", 1, "neutral", "sparsity", "mean number of active units per token"),
-        MetricSpec("dead_fraction", 1, "lower", "sparsity", "fraction of units never active on the scored tokens"),
-        MetricSpec("dense_fraction", 1, "lower", "sparsity", f"fraction of units active on more than {DENSE_THRESHOLD:.0%} of tokens"),
+        MetricSpec("l0", 1, "neutral", "sparsity", "mean number of active units per token", bounds=(0, math.inf)),
+        MetricSpec("dead_fraction", 1, "lower", "sparsity", "fraction of units never active on the scored tokens", bounds=(0, 1)),
+        MetricSpec("dense_fraction", 1, "lower", "sparsity", f"fraction of units active on more than {DENSE_THRESHOLD:.0%} of tokens", bounds=(0, 1)),
     )
 
     def __init__(self, entry, adapter) -> None:
@@ -70,11 +72,11 @@ class Reconstruction(Accumulator):
     """
 
     metrics = (
-        MetricSpec("mse", 1, "lower", "distortion", "sum_t ||x_t - x_hat_t||^2 / (N d)"),
-        MetricSpec("fvu", 1, "lower", "distortion", "sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2, per-dimension mean"),
-        MetricSpec("cosine_similarity", 1, "higher", "distortion", "mean_t cos(x_t, x_hat_t) over tokens with x_t != 0"),
-        MetricSpec("relative_l2_error", 1, "lower", "distortion", "mean_t ||x_t - x_hat_t|| / ||x_t|| over tokens with x_t != 0"),
-        MetricSpec("l2_norm_ratio", 1, "neutral", "distortion", "mean_t ||x_hat_t|| / ||x_t|| over tokens with x_t != 0 (1 is ideal)"),
+        MetricSpec("mse", 1, "lower", "distortion", "sum_t ||x_t - x_hat_t||^2 / (N d)", bounds=(0, math.inf)),
+        MetricSpec("fvu", 1, "lower", "distortion", "sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2, per-dimension mean", bounds=(0, math.inf)),
+        MetricSpec("cosine_similarity", 1, "higher", "distortion", "mean_t cos(x_t, x_hat_t) over tokens with x_t != 0", bounds=(-1, 1)),
+        MetricSpec("relative_l2_error", 1, "lower", "distortion", "mean_t ||x_t - x_hat_t|| / ||x_t|| over tokens with x_t != 0", bounds=(0, math.inf)),
+        MetricSpec("l2_norm_ratio", 1, "neutral", "distortion", "mean_t ||x_hat_t|| / ||x_t|| over tokens with x_t != 0 (1 is ideal)", bounds=(0, math.inf)),
     )
 
     def __init__(self, entry, adapter) -> None:

@@ -10,6 +10,8 @@ zero-ablating the hook. Positions counted: scored positions that have a next tok
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from saebench_poly.metrics.base import Accumulator, DownstreamBatch, EntryBatch, MetricSpec
@@ -20,7 +22,7 @@ class Downstream(Accumulator):
 
     metrics = (
         MetricSpec("ce_increase", 1, "lower", "downstream", "mean CE with reconstruction spliced in minus clean CE (nats)"),
-        MetricSpec("kl_divergence", 1, "lower", "downstream", "mean KL(clean || spliced) next-token distributions (nats)"),
+        MetricSpec("kl_divergence", 1, "lower", "downstream", "mean KL(clean || spliced) next-token distributions (nats)", bounds=(0, math.inf)),
         MetricSpec("ce_loss_recovered", 1, "higher", "downstream", "(CE_zero - CE_spliced) / (CE_zero - CE_clean)"),
     )
     needs_downstream = True

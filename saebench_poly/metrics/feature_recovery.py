@@ -20,8 +20,8 @@ class FeatureRecovery(Accumulator):
     """A function of the weights alone: `update` has nothing to fold in."""
 
     metrics = (
-        MetricSpec("mean_max_cosine", 1, "higher", "feature_recovery", "mean over true features of the best cosine with any decoder direction"),
-        MetricSpec("fraction_recovered", 1, "higher", "feature_recovery", f"fraction of true features whose best cosine exceeds {RECOVERY_THRESHOLD}"),
+        MetricSpec("mean_max_cosine", 1, "higher", "feature_recovery", "mean over true features of the best cosine with any decoder direction", bounds=(-1, 1)),
+        MetricSpec("fraction_recovered", 1, "higher", "feature_recovery", f"fraction of true features whose best cosine exceeds {RECOVERY_THRESHOLD}", bounds=(0, 1)),
     )
 
     @classmethod

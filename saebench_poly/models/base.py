@@ -45,6 +45,22 @@ class ForwardOutput:
 Replacement = Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class UnitInputs:
+    """The linear map that computes the pre-activations of a set of units (Foote 2024's neuron embeddings use it):
+
+        pre[b, t, u] = capture(batch)[b, t, :] @ weight[u] + bias[u]
+
+    ``capture`` runs the model on a batch and returns h ``[batch, positions, d_h]``, the exact tensor that the units'
+    input weights multiply; ``weight`` is ``[width, d_h]`` and ``bias`` ``[width]``. ``source`` names h in words (for
+    example ``blocks.0.ln2.hook_normalized``), for the docs and error messages."""
+
+    source: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    capture: Callable[[Batch], torch.Tensor]
+
+
 class ModelAdapter(ABC):
     """A model the benchmark can run. Subclasses set ``model_id``, ``revision`` and ``family``, and
     ``bos_token_id`` when their tokenizer has one (the id a run prepends to each context)."""
@@ -85,6 +101,16 @@ class ModelAdapter(ABC):
 
     def true_feature_directions(self, hook: str) -> torch.Tensor | None:
         """``[n_features, width]`` directions of the model's known true features at ``hook`` (toy models only)."""
+        return None
+
+    def true_feature_weights(self, hook: str) -> torch.Tensor | None:
+        """``[n_features, width]`` raw weights from each true feature to each unit at ``hook`` (the matrix whose
+        entries Lecomte et al. 2023 threshold to count features per neuron), for toy models that have one."""
+        return None
+
+    def neuron_inputs(self, hook: str) -> UnitInputs | None:
+        """How the raw units at ``hook`` are computed from an earlier tensor (`UnitInputs`), or None when they have
+        no input weights of their own (a residual-stream dimension)."""
         return None
 
     @property

@@ -46,7 +46,7 @@ from transformers.utils import ModelOutput, cached_file
 from transformers.utils.hub import extract_commit_hash
 
 from saebench_poly.errors import UserError
-from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, Replacement
+from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, Replacement, UnitInputs
 
 _CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -187,6 +187,34 @@ class HFModelAdapter(ModelAdapter):
                 bias = None if child.bias is None else child.bias.detach()
                 return NeuronInput(module=f"{parent}.{name}" if parent else name, weight=weight.detach(), bias=bias)
         return None
+
+    def neuron_inputs(self, hook: str) -> UnitInputs | None:
+        """The neurons at an activation module: h is the input of the linear map that `neuron_input_module` finds
+        (read with a forward pre-hook, the pass stopping there), w_u its weight row and b_u its bias (0 without one).
+        Nothing is folded: a LayerNorm before the Linear is part of h. None where `neuron_input_module` finds none."""
+        linear = self.neuron_input_module(hook)
+        if linear is None:
+            return None
+        module = self._modules[linear.module]
+        bias = torch.zeros_like(linear.weight[:, 0]) if linear.bias is None else linear.bias
+
+        def capture(batch: Batch) -> torch.Tensor:
+            store: dict[str, torch.Tensor] = {}
+
+            def read_input(module: nn.Module, args: Any, kwargs: Any) -> None:
+                store["h"] = (args[0] if args else next(iter(kwargs.values()))).detach().clone()
+                raise _AllCaptured
+
+            handle = module.register_forward_pre_hook(read_input, with_kwargs=True)
+            try:
+                self._run(batch.inputs)
+            except _AllCaptured:
+                pass
+            finally:
+                handle.remove()
+            return store["h"]
+
+        return UnitInputs(source=f"input of {linear.module}", weight=linear.weight, bias=bias, capture=capture)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokenizer": getattr(self.tokenizer, "name_or_path", "") or ""}

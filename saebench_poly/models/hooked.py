@@ -21,11 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from saebench_poly.errors import UserError, first_line
 from saebench_poly.hub import is_offline_error
-from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, Replacement
+from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, Replacement, UnitInputs
 
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+_MLP_NEURON_HOOK = re.compile(r"^blocks\.(\d+)\.mlp\.hook_(pre|post)$")
 
 
 def save_hooked_transformer(model: Any, folder: str | Path) -> Path:
@@ -137,6 +138,50 @@ class HookedTransformerAdapter(ModelAdapter):
         if match is None or self.model.cfg.attn_only:
             return None
         return f"blocks.{match.group(1)}.mlp.hook_post"
+
+    def neuron_inputs(self, hook: str) -> UnitInputs | None:
+        """The MLP neurons of block L (``blocks.L.mlp.hook_post``, or ``hook_pre``) of a pre-norm model.
+
+        h = ``blocks.L.ln2.hook_normalized``: the MLP input before the LayerNorm's scale and shift (centred and
+        divided by its RMS; RMSNorm only divides). w_u = ln2.w ⊙ W_in[:, u] and b_u = b_in[u] + ln2.b · W_in[:, u]:
+        the scale and shift folded into W_in as transformer-lens's ``fold_ln`` folds them, so that sum_k h_k w_uk + b_u
+        is ``blocks.L.mlp.hook_pre``. A model loaded with ``fold_ln`` (ln2 is ``LNPre``/``RMSPre``, with no
+        parameters) has them folded already, and W_in, b_in are used as they are. Without normalisation h is the
+        MLP's input itself (``hook_resid_mid``, or ``hook_resid_pre`` for parallel attention and MLP). Gated MLPs:
+        the gate path, w_u = ln2.w ⊙ W_gate[:, u], b_u = ln2.b · W_gate[:, u] (``hook_pre`` is its pre-activation).
+        None for any other hook, and for attention-only, post-norm and mixture-of-experts models.
+        """
+        from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+        match = _MLP_NEURON_HOOK.match(hook)
+        cfg = self.model.cfg
+        if match is None or cfg.attn_only or cfg.original_architecture in POST_NORM_ARCHITECTURES:
+            return None
+        layer = int(match.group(1))
+        block = self.model.blocks[layer]
+        matrix = getattr(block.mlp, "W_gate" if cfg.gated_mlp else "W_in", None)
+        if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
+            return None
+        matrix = matrix.detach().to(torch.float64)
+        bias = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+        if not cfg.gated_mlp:
+            bias = bias + block.mlp.b_in.detach().to(torch.float64)
+        if hasattr(block.ln2, "hook_normalized"):
+            source = f"blocks.{layer}.ln2.hook_normalized"
+            scale, shift = getattr(block.ln2, "w", None), getattr(block.ln2, "b", None)
+            if shift is not None:
+                bias = bias + shift.detach().to(torch.float64) @ matrix
+            if scale is not None:
+                matrix = scale.detach().to(torch.float64)[:, None] * matrix
+        else:
+            source = f"blocks.{layer}.hook_resid_{'pre' if cfg.parallel_attn_mlp else 'mid'}"
+
+        def capture(batch: Batch) -> torch.Tensor:
+            with torch.no_grad():
+                _, cache = self.model.run_with_cache(batch.inputs.to(self.device), names_filter=[source], stop_at_layer=layer + 1)
+            return cache[source]
+
+        return UnitInputs(source=source, weight=matrix.T.contiguous(), bias=bias, capture=capture)
 
     def forward(self, batch: Batch, hooks: Sequence[str], logits: bool = True) -> ForwardOutput:
         resume_hooks = {self._resume_hook(h) for h in hooks} - {None}

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saebench_poly.errors import UserError
-from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig
+from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, UnitInputs
 
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
@@ -213,6 +213,17 @@ class ToyModelAdapter(ModelAdapter):
         """At ``"hidden"``, the only hook: see `ToySuperpositionModel.true_feature_directions`."""
         self.hook_width(hook)
         return self.model.true_feature_directions()
+
+    def neuron_inputs(self, hook: str) -> UnitInputs:
+        """The hidden neurons ReLU(x W^T): h is the feature vector x ``[batch, 1, n_features]``, w_u = W[u] and b_u = 0."""
+        self.hook_width(hook)
+        weight = self.model.W.detach()
+
+        def capture(batch: Batch) -> torch.Tensor:
+            return batch.inputs.to(device=weight.device, dtype=weight.dtype).unsqueeze(1)
+
+        return UnitInputs(source="the toy model's input features", weight=weight, bias=torch.zeros_like(weight[:, 0]),
+                          capture=capture)
 
 
 def load_toy_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> ToyModelAdapter:

@@ -16,7 +16,11 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from saebench_poly.models.base import ModelAdapter
+from saebench_poly.models.base import Batch, ModelAdapter, UnitInputs
+
+# sae-lens architectures whose encoder computes each latent's pre-activation as one linear map of process_sae_in(x).
+_LINEAR_ENCODERS = frozenset({"standard", "topk", "abstopk", "jumprelu", "gated", "transcoder", "skip_transcoder",
+                              "jumprelu_transcoder", "jumprelu_skip_transcoder"})
 
 
 @dataclass
@@ -74,6 +78,15 @@ class Entry(ABC):
         """Fit on the held-out activations' mean and covariance (float64)."""
         raise NotImplementedError
 
+    def unit_inputs(self, adapter: ModelAdapter) -> UnitInputs | None:
+        """How each unit's pre-activation is computed from the model's activations (`UnitInputs`: the tensor h that
+        its input weights multiply, the weights and the bias), for neuron embeddings; None when the units have no
+        input weights of their own. An entry of another package overrides this to get embeddings."""
+        return None
+
+    def _hook_activations(self, adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
+        return adapter.forward(batch, [self.hook], logits=False).activations[self.hook]
+
     def describe(self) -> dict[str, Any]:
         return {"entry": self.name, "source_uri": self.uri, "entry_kind": self.kind, "hook": self.hook,
                 "architecture": self.architecture, "d_in": self.d_in, "width": self.width}
@@ -103,6 +116,29 @@ class SAEEntry(Entry):
 
     def decoder_directions(self) -> torch.Tensor:
         return self.sae.W_dec.detach()
+
+    def unit_inputs(self, adapter: ModelAdapter) -> UnitInputs | None:
+        """h = ``sae.process_sae_in(x)``, x the hook's activations: sae-lens's own preprocessing (b_dec subtracted
+        when ``apply_b_dec_to_input``, activation normalisation). w_u = W_enc[:, u]; b_u = b_enc[u] for standard,
+        topk, abstopk, jumprelu (batchtopk and matryoshka checkpoints load as jumprelu) and the transcoders. Gated:
+        the gate path, b_u = b_gate[u], whose sign decides whether the latent fires (the magnitude path,
+        W_enc[:, u] exp(r_mag[u]), scales every embedding of u by one constant, so it has the same cosines). A TopK
+        SAE with ``rescale_acts_by_decoder_norm`` multiplies its pre-activation by ||W_dec[u]||, and so w_u and b_u
+        too. None for architectures whose encoder is not one linear map (temporal, matching pursuit)."""
+        sae = self.sae
+        if self.architecture not in _LINEAR_ENCODERS:
+            return None
+        weight = sae.W_enc.detach().T
+        bias = (sae.b_gate if self.architecture == "gated" else sae.b_enc).detach()
+        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+            norms = sae.W_dec.detach().norm(dim=-1)
+            weight, bias = weight * norms[:, None], bias * norms
+
+        def capture(batch: Batch) -> torch.Tensor:
+            with torch.no_grad():
+                return sae.process_sae_in(self._hook_activations(adapter, batch))
+
+        return UnitInputs(source=f"sae.process_sae_in({self.hook})", weight=weight, bias=bias, capture=capture)
 
     def weights_sha256(self) -> str:
         if self._sha256 is None:
@@ -162,6 +198,17 @@ class BasisEntry(Entry):
     def decoder_directions(self) -> torch.Tensor:
         return self.basis
 
+    def unit_inputs(self, adapter: ModelAdapter) -> UnitInputs | None:
+        """h = x - centre (x for a basis without centre), w_u = the basis vector, b_u = 0."""
+        center = self.center
+
+        def capture(batch: Batch) -> torch.Tensor:
+            x = self._hook_activations(adapter, batch)
+            return x if center is None else x - center
+
+        return UnitInputs(source=self.hook if center is None else f"{self.hook} - centre", weight=self.basis,
+                          bias=torch.zeros_like(self.basis[:, 0]), capture=capture)
+
     def weights_sha256(self) -> str:
         tensors = {"basis": self.basis}
         if self.center is not None:
@@ -177,6 +224,11 @@ class NeuronEntry(BasisEntry):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
+
+    def unit_inputs(self, adapter: ModelAdapter) -> UnitInputs | None:
+        """The model's own input weights of these units (`ModelAdapter.neuron_inputs`); None for units that have
+        none, such as the dimensions of the residual stream."""
+        return adapter.neuron_inputs(self.hook)
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

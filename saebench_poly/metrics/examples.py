@@ -1,0 +1,188 @@
+"""Characteristic examples of every unit, selected exactly during the one activation pass (Foote 2024's rule).
+
+Definition. For unit u and scored context c, m_u(c) = max_t z_u(c, t) and t*_u(c) is the lowest position attaining it;
+M_u = max_c m_u(c), the unit's maximum over all scored tokens. The characteristic contexts of u are
+
+    Q_u = {c : m_u(c) > 0 and m_u(c) >= f M_u}          (f = ``fraction``, Foote's 0.75)
+
+with one example (c, t*_u(c)) each. The sample is the min(S, |Q_u|) contexts of Q_u with the smallest keys
+k_u(c) = hash(seed, u, c) (S = ``max_examples``; equal keys, which need a 62-bit collision, go to the lower context).
+The keys are independent uniform draws, so this is a seeded uniform sample without replacement (bottom-k sampling),
+and it is a function of the data and the seed alone: not of the batch size, nor of the order of the batches.
+
+Streaming. Each batch raises the running maxima, then offers its pairs (u, c) with m_u(c) >= f M_u(so far) to a
+per-unit candidate store, which drops a candidate c as soon as it can no longer be sampled:
+
+1. m_u(c) < f M_u(so far): M_u only grows, so c never qualifies;
+2. at least S other contexts d have k_u(d) < k_u(c) and m_u(d) >= m_u(c): if c qualified, so would every such d,
+   and S of them would come before it. The store applies this rule at levels: with its candidates ranked by m
+   (descending), for r = S, 2S, 4S, ..., kappa_r = the S-th smallest key among the top r, and every candidate with
+   m <= (the m of rank r) and key > kappa_r is dropped.
+
+Neither rule drops a context of the final sample, so after the pass the sample is the S smallest-key candidates that
+qualify under the final M_u: exact. A candidate is (key, context, position, m), nothing more; with keys independent
+of m a unit keeps about S (1 + log2(n / S)) candidates for n contexts that qualified so far.
+
+Every context must lie within a single batch (as `saebench_poly.activations.score` feeds them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD_KEY = 2**63 - 1
+_NO_POSITION = 2**62
+
+
+def _as_signed(value: int) -> int:
+    value &= 2**64 - 1
+    return value - 2**64 if value >= 2**63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_as_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors read as unsigned 64-bit integers."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 (Steele et al. 2014) on int64 tensors as unsigned 64-bit integers (products wrap modulo 2^64)."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def example_keys(seed: int, units: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+    """k_u(c) = splitmix64(splitmix64(splitmix64(seed) + u) + c) >> 2: uniform in [0, 2^62), int64, on any device."""
+    base = _mix64(torch.tensor(_as_signed(seed), dtype=torch.int64, device=units.device))
+    return _shift_right(_mix64(_mix64(base + units.to(torch.int64)) + contexts.to(torch.int64)), 2)
+
+
+@dataclass
+class Examples:
+    """Each unit's sample, in key order: ``context``, ``position`` (int64) and ``activation`` (float64, m_u(c)) are
+    ``[width, max_examples]``, padded with context -1 beyond ``count[u]``; ``maximum`` is M_u (-inf for a unit that
+    saw no token)."""
+
+    context: torch.Tensor
+    position: torch.Tensor
+    activation: torch.Tensor
+    count: torch.Tensor
+    maximum: torch.Tensor
+
+
+class ExampleSelector:
+    """The streaming selection of the module docstring, batched over units on the device of the codes it is fed."""
+
+    def __init__(self, width: int, fraction: float, max_examples: int, seed: int) -> None:
+        self.width, self.fraction, self.max_examples, self.seed = width, fraction, max_examples, seed
+        self.maximum: torch.Tensor | None = None
+        # The candidate store: [width, capacity], padded with key PAD_KEY, context -1, activation -inf.
+        self.key = self.context = self.position = self.activation = None
+
+    def _threshold(self) -> torch.Tensor:
+        return self.fraction * self.maximum
+
+    def update(self, z: torch.Tensor, context: torch.Tensor, position: torch.Tensor) -> None:
+        """Fold in one batch: codes ``z`` ``[N, width]`` of N scored tokens, their contexts' global indices and their
+        positions ``[N]``."""
+        if self.maximum is None:
+            self._allocate(z.device)
+        if z.shape[0] == 0:
+            return
+        z = z.detach()
+        self.maximum = torch.maximum(self.maximum, z.amax(dim=0).to(torch.float64))
+        threshold = self._threshold()
+        self._insert(*self._offers(z, context.to(z.device), position.to(z.device), threshold))
+        self._prune(threshold)
+
+    def _allocate(self, device: torch.device) -> None:
+        self.maximum = torch.full((self.width,), -torch.inf, dtype=torch.float64, device=device)
+        self.key = torch.full((self.width, 0), PAD_KEY, dtype=torch.int64, device=device)
+        self.context = torch.full((self.width, 0), -1, dtype=torch.int64, device=device)
+        self.position = torch.zeros((self.width, 0), dtype=torch.int64, device=device)
+        self.activation = torch.full((self.width, 0), -torch.inf, dtype=torch.float64, device=device)
+
+    def _offers(self, z: torch.Tensor, context: torch.Tensor, position: torch.Tensor, threshold: torch.Tensor):
+        """The batch's pairs (u, c) with m_u(c) > 0 and m_u(c) >= threshold_u: unit, context, t*, m, sorted by unit."""
+        work = z if z.dtype == torch.float64 else z.to(torch.float32)
+        # A threshold in the codes' precision, rounded down, so that the comparison keeps a superset of the tokens
+        # at or above the float64 threshold; the exact test follows on those.
+        low = threshold.to(work.dtype)
+        low = torch.where(low.to(torch.float64) > threshold, torch.nextafter(low, torch.full_like(low, -torch.inf)), low)
+        rows, units = ((work >= low) & (work > 0)).nonzero(as_tuple=True)
+        values = work[rows, units].to(torch.float64)
+        exact = values >= threshold[units]
+        rows, units, values = rows[exact], units[exact], values[exact]
+        contexts_here, local = torch.unique(context, return_inverse=True)
+        group, inverse = torch.unique(units * len(contexts_here) + local[rows], return_inverse=True)
+        best = torch.full(group.shape, -torch.inf, dtype=torch.float64, device=z.device)
+        best = best.scatter_reduce(0, inverse, values, "amax")
+        at_best = torch.where(values == best[inverse], position[rows], _NO_POSITION)
+        first = torch.full(group.shape, _NO_POSITION, dtype=torch.int64, device=z.device)
+        first = first.scatter_reduce(0, inverse, at_best.to(torch.int64), "amin")
+        return group // len(contexts_here), contexts_here[group % len(contexts_here)], first, best
+
+    def _insert(self, units: torch.Tensor, contexts: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+        if units.numel() == 0:
+            return
+        counts = torch.bincount(units, minlength=self.width)
+        slot = torch.arange(units.numel(), device=units.device) - (torch.cumsum(counts, 0) - counts)[units]
+        capacity = self.key.shape[1]
+        extra = int(counts.max())
+        column = capacity + slot
+        keys = example_keys(self.seed, units, contexts)
+        for name, new, pad in (("key", keys, PAD_KEY), ("context", contexts, -1), ("position", positions, 0),
+                               ("activation", values, -torch.inf)):
+            old = getattr(self, name)
+            grown = torch.cat([old, torch.full((self.width, extra), pad, dtype=old.dtype, device=old.device)], dim=1)
+            grown[units, column] = new.to(old.dtype)
+            setattr(self, name, grown)
+
+    def _prune(self, threshold: torch.Tensor) -> None:
+        """Rules 1 and 2 of the module docstring, then the kept candidates are packed to the left."""
+        valid = self.activation >= threshold[:, None]
+        activation = torch.where(valid, self.activation, -torch.inf)
+        key = torch.where(valid, self.key, PAD_KEY)
+        by_activation = torch.sort(activation, dim=1, descending=True, stable=True).indices
+        ranked_activation, ranked_key = activation.gather(1, by_activation), key.gather(1, by_activation)
+        drop = ~valid
+        most = int(valid.sum(dim=1).max()) if valid.numel() else 0
+        rank = self.max_examples
+        while rank <= most:
+            kappa = ranked_key[:, :rank].kthvalue(self.max_examples, dim=1).values
+            drop |= (activation <= ranked_activation[:, rank - 1 : rank]) & (key > kappa[:, None])
+            rank *= 2
+        keep = ~drop
+        kept = int(keep.sum(dim=1).max()) if keep.numel() else 0
+        order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices[:, :kept]
+        keep = keep.gather(1, order)
+        self.key = torch.where(keep, self.key.gather(1, order), PAD_KEY)
+        self.context = torch.where(keep, self.context.gather(1, order), -1)
+        self.position = torch.where(keep, self.position.gather(1, order), 0)
+        self.activation = torch.where(keep, self.activation.gather(1, order), -torch.inf)
+
+    def result(self, device: torch.device | None = None) -> Examples:
+        """The exact sample (module docstring), once every batch has been fed."""
+        if self.maximum is None:
+            self._allocate(device or torch.device("cpu"))
+        sample = self.max_examples
+        valid = (self.context >= 0) & (self.activation >= self._threshold()[:, None])
+        key = torch.where(valid, self.key, PAD_KEY)
+        context = torch.where(valid, self.context, PAD_KEY)
+        by_context = torch.sort(context, dim=1, stable=True).indices
+        order = by_context.gather(1, torch.sort(key.gather(1, by_context), dim=1, stable=True).indices)[:, :sample]
+        chosen = valid.gather(1, order)
+        pad = sample - order.shape[1]
+
+        def take(values: torch.Tensor, fill: float | int) -> torch.Tensor:
+            taken = torch.where(chosen, values.gather(1, order), fill)
+            return torch.nn.functional.pad(taken, (0, pad), value=fill) if pad else taken
+
+        return Examples(context=take(self.context, -1), position=take(self.position, 0),
+                        activation=take(self.activation, -torch.inf), count=chosen.sum(dim=1), maximum=self.maximum)

@@ -1,0 +1,244 @@
+"""Coding geometry of an entry's code z (Marshall & Kirchner 2024, "Understanding polysemanticity in neural networks
+through coding theory", arXiv 2401.17975): the eigenspectrum of its covariance, its power-law exponent and its
+effective dimensionality. For raw neurons the code is the activations themselves; for PCA and random rotations, the
+rotated coordinates; for an SAE, its latents.
+
+- Eigenvalues lambda_1 >= lambda_2 >= ... of Cov(z) (the unbiased covariance, divisor N - 1).
+- spectrum_alpha: the exponent of lambda_n ~ n^(-alpha), by ordinary least squares of log lambda_n on log n over
+  the ranks n in [spectrum_alpha_rank_min, spectrum_alpha_rank_max], both reported. The default window is ranks
+  10 to min(500, floor(width / 2)) (options ``rank_min``, ``rank_max``; Stringer et al. 2019 fit ranks 11 to 500),
+  cut at the last positive eigenvalue (a rank-deficient code, e.g. one with dead latents, has numerically zero ones:
+  below 1e-10 lambda_1). When that leaves fewer than ``min_fit_ranks`` (default 5) ranks, the fit uses every
+  positive eigenvalue, ranks 1 to the last positive one: so the toy model's 8 neurons are fitted over ranks 1 to 8,
+  while 32 latents keep ranks 10 to 16. Fewer than 2 positive eigenvalues: NaN.
+- spectrum_participation_ratio = (sum_n lambda_n)^2 / sum_n lambda_n^2, between 1 and the width (= width for an
+  isotropic code).
+- spectrum_tokens: the number of tokens the covariance rests on.
+
+**Exact and sampled.** While the width is at most ``max_exact_width`` (default 4096) the covariance is exact over
+all N scored tokens: float64 streaming sums merged across batches with Chan et al.'s update (dense codes through
+`saebench_poly.activations.Moments`; sparse codes, at most width / 32 active units per token, through the sum of
+outer products of their active entries, which is the same number computed faster). Wider codes use a uniform
+sample of ``sample_size`` tokens (default 4096, without replacement): each token gets a pseudo-random key from its
+index in the scored data and ``seed`` (splitmix64), and the tokens with the smallest keys are kept (bottom-k
+sampling), so the sample does not depend on the batch size. The eigenvalues are then exactly those of the sample's
+covariance, computed from the centred S x S Gram matrix of the sampled rows (same nonzero eigenvalues as the
+width x width covariance); at most S - 1 of them are nonzero, so the window is cut there as well.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from saebench_poly.activations import Moments
+from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec
+
+SPARSE_ACTIVE_FRACTION = 1 / 32
+ZERO_EIGENVALUE = 1e-10
+# Outer products of at most this many entries are formed at once by the sparse path.
+_OUTER_CHUNK = 1 << 22
+_SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+class GeometryOptions(BaseModel):
+    """``[metric_options.geometry]`` in a spec."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank_min: int = Field(10, ge=1, description="first rank of the power-law fit")
+    rank_max: int = Field(500, ge=2, description="last rank of the power-law fit (also at most width / 2)")
+    min_fit_ranks: int = Field(5, ge=2, description="fewer ranks than this in the window: fit all positive ones")
+    max_exact_width: int = Field(4096, ge=1, description="widest code whose covariance is exact over all tokens")
+    sample_size: int = Field(4096, ge=2, description="tokens sampled for wider codes")
+    seed: int = Field(0, description="seed of the token sample")
+
+
+class StreamingCovariance:
+    """Exact float64 covariance of rows fed batch by batch; batches of sparse rows skip the dense product."""
+
+    def __init__(self) -> None:
+        self.dense = Moments()
+        self.sparse_count = 0
+        self.sparse_sum: torch.Tensor | None = None
+        self.sparse_outer: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.dense.count + self.sparse_count
+
+    def update(self, z: torch.Tensor) -> None:
+        n, width = z.shape
+        if n == 0:
+            return
+        active = z != 0
+        most = int(active.sum(dim=1).max())
+        if most > width * SPARSE_ACTIVE_FRACTION:
+            self.dense.update(z)
+            return
+        if self.sparse_sum is None:
+            self.sparse_sum = torch.zeros(width, dtype=torch.float64, device=z.device)
+            self.sparse_outer = torch.zeros(width * width, dtype=torch.float64, device=z.device)
+        self.sparse_count += n
+        self.sparse_sum += z.to(torch.float64).sum(dim=0)
+        if most == 0:
+            return
+        # each row's active entries, padded with zeros to the batch's most: [n, most]
+        index = torch.topk(active.to(torch.uint8), most, dim=1).indices
+        values = z.gather(1, index).to(torch.float64)
+        rows = max(1, _OUTER_CHUNK // (most * most))
+        for start in range(0, n, rows):
+            v, i = values[start : start + rows], index[start : start + rows]
+            outer = (v.unsqueeze(2) * v.unsqueeze(1)).reshape(-1)
+            self.sparse_outer.index_add_(0, (i.unsqueeze(2) * width + i.unsqueeze(1)).reshape(-1), outer)
+
+    def covariance(self) -> torch.Tensor:
+        """The unbiased covariance ``[width, width]`` of every row fed."""
+        mean, comoment = self.dense.mean, self.dense.comoment
+        if self.sparse_count:
+            width = self.sparse_sum.numel()
+            mean_s = self.sparse_sum / self.sparse_count
+            comoment_s = self.sparse_outer.view(width, width) - self.sparse_count * torch.outer(mean_s, mean_s)
+            if mean is None:
+                mean, comoment = mean_s, comoment_s
+            else:
+                n_a, n_b = self.dense.count, self.sparse_count
+                delta = mean_s - mean
+                comoment = comoment + comoment_s + torch.outer(delta, delta) * (n_a * n_b / (n_a + n_b))
+        return comoment / max(self.count - 1, 1)
+
+
+def sample_keys(start: int, count: int, seed: int) -> torch.Tensor:
+    """63-bit pseudo-random keys (int64) of the tokens with indices start .. start + count - 1: splitmix64 of the
+    index, offset by the seed. A function of the index alone, so every batching of the data gives the same keys."""
+    gamma, mix1, mix2 = (np.uint64(c) for c in _SPLITMIX)
+    x = np.arange(start + 1, start + count + 1, dtype=np.uint64) * gamma + np.uint64(seed % 2**64) * mix2
+    x = (x ^ (x >> np.uint64(30))) * mix1
+    x = (x ^ (x >> np.uint64(27))) * mix2
+    x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x >> np.uint64(1)).astype(np.int64))
+
+
+class TokenSample:
+    """A uniform sample without replacement of at most ``size`` rows: those with the smallest `sample_keys`.
+    Rows are held sparse when the first batch has at most 1/32 of its entries non-zero, else dense."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.seen = 0
+        self.keys: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.sparse: bool | None = None
+
+    def update(self, z: torch.Tensor) -> None:
+        keys = sample_keys(self.seen, z.shape[0], self.seed)
+        self.seen += z.shape[0]
+        if self.keys is not None and self.keys.numel() >= self.size:
+            chosen = keys < self.keys.max()
+            if not chosen.any():
+                return
+            keys, z = keys[chosen], z[chosen.to(z.device)]
+        if self.sparse is None:
+            self.sparse = bool((z != 0).sum() <= z.numel() * SPARSE_ACTIVE_FRACTION)
+        rows = z.detach().to_sparse() if self.sparse else z.detach().clone()
+        if self.keys is not None:
+            keys, rows = torch.cat([self.keys, keys]), torch.cat([self.rows, rows])
+        if keys.numel() > self.size:
+            keep = torch.topk(keys, self.size, largest=False).indices
+            keys, rows = keys[keep], rows.index_select(0, keep.to(rows.device))
+        self.keys, self.rows = keys, rows.coalesce() if self.sparse else rows
+
+    def covariance_eigenvalues(self) -> torch.Tensor:
+        """Eigenvalues (descending, float64) of the sampled rows' unbiased covariance: the nonzero ones, from the
+        centred Gram matrix H X X^T H / (S - 1), H = I - 11^T / S."""
+        rows = self.rows.to(torch.float64)
+        if self.sparse:
+            with warnings.catch_warnings():
+                # torch.sparse.mm converts to CSR internally and warns that CSR is in beta; the product is exact
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                gram = torch.sparse.mm(rows, rows.t()).to_dense()
+        else:
+            gram = rows @ rows.T
+        centred = gram - gram.mean(dim=0, keepdim=True) - gram.mean(dim=1, keepdim=True) + gram.mean()
+        eigenvalues = torch.linalg.eigvalsh(centred / max(rows.shape[0] - 1, 1))
+        return eigenvalues.flip(0)
+
+
+def fit_window(eigenvalues: torch.Tensor, width: int, rank_min: int, rank_max: int, min_ranks: int) -> tuple[int, int]:
+    """The ranks (1-based, inclusive) of the power-law fit; (0, 0) when fewer than 2 eigenvalues are positive."""
+    top = float(eigenvalues[0]) if eigenvalues.numel() else 0.0
+    positive = int((eigenvalues > ZERO_EIGENVALUE * top).sum()) if top > 0 else 0
+    low, high = rank_min, min(rank_max, width // 2, positive)
+    if high - low + 1 < min_ranks:
+        low, high = 1, positive
+    return (low, high) if high - low + 1 >= 2 else (0, 0)
+
+
+def power_law_exponent(eigenvalues: torch.Tensor, low: int, high: int) -> float:
+    """alpha of lambda_n ~ n^(-alpha): minus the least-squares slope of log lambda_n on log n, n = low .. high."""
+    ranks = torch.arange(low, high + 1, dtype=torch.float64)
+    x = ranks.log()
+    y = eigenvalues[low - 1 : high].to(torch.float64).log()
+    x, y = x - x.mean(), y - y.mean()
+    return float(-(x * y).sum() / x.square().sum())
+
+
+def participation_ratio(eigenvalues: torch.Tensor) -> float:
+    """(sum lambda)^2 / sum lambda^2, negative round-off clipped to 0."""
+    lam = eigenvalues.to(torch.float64).clamp_min(0)
+    square = float(lam.square().sum())
+    return float(lam.sum()) ** 2 / square if square > 0 else float("nan")
+
+
+class CodeGeometry(Accumulator):
+    """Eigenspectrum of Cov(z), its power-law exponent and participation ratio (module docstring)."""
+
+    Options = GeometryOptions
+    metrics = (
+        MetricSpec("spectrum_alpha", 1, "neutral", "geometry", "alpha of lambda_n ~ n^-alpha, least squares of log lambda on log n over the rank window"),
+        MetricSpec("spectrum_alpha_rank_min", 1, "neutral", "geometry", "first rank of the alpha fit (default window 10 .. min(500, width / 2))", bounds=(1, math.inf)),
+        MetricSpec("spectrum_alpha_rank_max", 1, "neutral", "geometry", "last rank of the alpha fit", bounds=(1, math.inf)),
+        MetricSpec("spectrum_participation_ratio", 1, "neutral", "geometry", "(sum lambda)^2 / sum lambda^2 of Cov(z): effective dimensionality", bounds=(1, math.inf)),
+        MetricSpec("spectrum_tokens", 1, "neutral", "geometry", "tokens the covariance rests on (all scored, or a 4096-token sample above width 4096)", bounds=(0, math.inf)),
+    )
+
+    def __init__(self, entry, adapter, options: GeometryOptions | None = None) -> None:
+        super().__init__(entry, adapter)
+        self.options = options or GeometryOptions()
+        self.exact = entry.width <= self.options.max_exact_width
+        self.covariance = StreamingCovariance() if self.exact else None
+        self.sample = None if self.exact else TokenSample(self.options.sample_size, self.options.seed)
+
+    def update(self, batch: EntryBatch) -> None:
+        z = batch.z.detach()
+        if self.exact:
+            self.covariance.update(z)
+        else:
+            self.sample.update(z)
+
+    def eigenvalues(self) -> tuple[torch.Tensor, int]:
+        """Eigenvalues of Cov(z), descending, and the number of tokens they rest on."""
+        if self.exact:
+            if self.covariance.count < 2:
+                return torch.zeros(0, dtype=torch.float64), self.covariance.count
+            return torch.linalg.eigvalsh(self.covariance.covariance()).flip(0), self.covariance.count
+        if self.sample.keys is None or self.sample.keys.numel() < 2:
+            return torch.zeros(0, dtype=torch.float64), 0
+        return self.sample.covariance_eigenvalues(), int(self.sample.keys.numel())
+
+    def compute(self) -> dict[str, float]:
+        eigenvalues, tokens = self.eigenvalues()
+        eigenvalues = eigenvalues.cpu()
+        low, high = fit_window(eigenvalues, self.entry.width, self.options.rank_min, self.options.rank_max,
+                               self.options.min_fit_ranks)
+        nan = float("nan")
+        return {
+            "spectrum_alpha": power_law_exponent(eigenvalues, low, high) if high else nan,
+            "spectrum_alpha_rank_min": float(low) if high else nan,
+            "spectrum_alpha_rank_max": float(high) if high else nan,
+            "spectrum_participation_ratio": participation_ratio(eigenvalues) if eigenvalues.numel() else nan,
+            "spectrum_tokens": float(tokens),
+        }

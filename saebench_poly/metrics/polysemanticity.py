@@ -1,0 +1,284 @@
+"""Polysemanticity of every unit from neuron embeddings (Foote 2024, "Tackling Polysemanticity with Neuron
+Embeddings", arXiv 2411.08166; `papers.md` section 1).
+
+A unit u computes a = f(w_u . h + b_u) from a tensor h of the model (`Entry.unit_inputs` says which, per case:
+for transformer-lens MLP neurons the MLP input normalised by its LayerNorm, with the LayerNorm's scale and shift
+folded into W_in and b_in; for Hugging Face neurons the input of the Linear that produces them and its weight row;
+for SAE latents ``sae.process_sae_in(x)`` and W_enc, with b_enc, or b_gate for gated SAEs; for PCA and random
+directions the centred hook activations and the basis vector; raw units without input weights of their own, such as
+residual-stream dimensions, have none). The neuron embedding of an example (context c, token t*) is
+
+    e_u(c) = h(c, t*) ⊙ w_u            so that   sum_k e_u(c)_k + b_u = the unit's pre-activation at t*.
+
+The embedding lives in the space of the unit's own input: for raw neurons the layer's input, for SAE latents and
+baseline directions the hook's space.
+
+Characteristic examples (`saebench_poly.metrics.examples`, exact and independent of batching): the contexts whose
+maximum activation of u is > 0 and >= f M_u (f = ``activation_fraction`` = 0.75, M_u = u's maximum over all scored
+tokens), one per context at its most active token, a seeded uniform sample of at most S = ``max_examples`` = 100.
+Only the positive direction of a signed unit (PCA, random directions) is characterised, as its most active tokens.
+The sample's keys hash the option ``seed`` (not the spec's ``seed``), the unit and the context.
+Behaviours (`saebench_poly.metrics.behaviours`): the graph on u's examples with an edge where cos(e_i, e_j) > tau;
+its connected components. With n = the number of examples and p_k = |component k| / n:
+
+Per unit (per-unit table; null for units with no embedding, and K, exp(H) and the rest null for units with none):
+- ``n_examples`` = min(S, #characteristic contexts);
+- ``n_behaviours`` = K_u(tau), the number of components; ``n_behaviours_sweep`` = K_u at each tau of ``tau_sweep``
+  (the column ``tau_sweep`` lists them, ``tau`` holds the default);
+- ``effective_behaviours`` = exp(H(p)) = exp(-sum_k p_k ln p_k), between 1 and K;
+- ``largest_behaviour_share`` = max_k p_k;
+- ``mean_example_cosine`` = mean over pairs i != j of cos(e_i, e_j) (null with one example);
+- ``behaviour_sizes`` and ``central_examples``: the components, largest first, and the (context, position) of each
+  one's central example (the member with the largest summed cosine similarity to its component), so that a user can
+  look the examples up (context: index in the scored data, counted from 0; position: the token in it);
+- ``poly_status``: ``ok``; ``too_few_examples`` (n < ``min_examples``: dead or nearly dead units, never
+  monosemantic); ``no_embedding`` (a unit with no input weights of its own, such as a residual-stream dimension).
+
+Per entry (leaderboard), over the units with n >= ``min_examples`` = 10 (NaN when there are none; entries whose units
+have no embedding get none of these rows): mean and median of exp(H) and of K, the mean largest share, the fraction
+of all units that are monosemantic (n >= ``min_examples`` and K = 1) and the fraction with too few examples. Ten
+examples is our choice: with fewer, K can only be small and the shares are too coarse to compare.
+
+The default tau was chosen on known answers, by `scripts/calibrate_tau.py` (see `DEFAULT_TAU`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec, ScoredContexts
+from saebench_poly.metrics.behaviours import Behaviours, unit_behaviours
+from saebench_poly.metrics.examples import Examples, ExampleSelector
+from saebench_poly.models.base import UnitInputs
+
+# Chosen by scripts/calibrate_tau.py (the rule is in its docstring): on the neurons of the toy-superposition model
+# and of the same configuration with seeds 1-4 (40 neurons), K(tau) equals the true number of features for 42.5% of
+# them at tau = 0.975, more than at any other tau of its sweep, and K = 1 exactly when the neuron has one true
+# feature for 92.5% of them. The toy's neurons reach the top quarter of their range only when several of their
+# features fire together, so their characteristic examples are conjunctions, and K counts the kinds of conjunction
+# rather than the features.
+DEFAULT_TAU = 0.975
+TAU_SWEEP = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
+# Memory bounds of the embedding stage; the results do not depend on them. The h rows of the chosen examples are
+# cached for as many units at a time as fit CACHE_BYTES (counted at 4 bytes a value), the model being re-run on
+# their contexts once per such group; the [units, S, d] embeddings and [units, S, S] graphs go in chunks of
+# CHUNK_BYTES.
+CACHE_BYTES = 2**32
+CHUNK_BYTES = 2**27
+
+OK, TOO_FEW_EXAMPLES, NO_EMBEDDING = "ok", "too_few_examples", "no_embedding"
+
+
+class PolysemanticityOptions(BaseModel):
+    """``[metric_options.polysemanticity]``: tau (edge threshold of the cosine graph), the taus of the sweep, Foote's
+    activation fraction (0.75) and sample size (100), the fewest examples for a unit to be summarised, and the seed
+    of the sample's keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tau: float = Field(DEFAULT_TAU, ge=-1, lt=1)
+    tau_sweep: tuple[float, ...] = TAU_SWEEP
+    activation_fraction: float = Field(0.75, gt=0, le=1)
+    max_examples: int = Field(100, ge=1)
+    min_examples: int = Field(10, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolysemanticityOptions:
+        if any(not -1 <= tau < 1 for tau in self.tau_sweep):
+            raise ValueError("every tau of tau_sweep must lie in [-1, 1)")
+        if self.min_examples > self.max_examples:
+            raise ValueError(f"min_examples ({self.min_examples}) exceeds max_examples ({self.max_examples})")
+        return self
+
+
+class Polysemanticity(Accumulator):
+    """Neuron-embedding behaviours of every unit (module docstring): per unit in the per-unit table, summaries as
+    metrics. Foote 2024, arXiv 2411.08166."""
+
+    metrics = (
+        MetricSpec("mean_effective_behaviours", 1, "lower", "polysemanticity",
+                   "mean over units with enough examples of exp(H(component sizes)) of the cos > tau graph of their "
+                   "examples' neuron embeddings (Foote 2024)", bounds=(1, math.inf)),
+        MetricSpec("median_effective_behaviours", 1, "lower", "polysemanticity",
+                   "median over units with enough examples of exp(H(component sizes))", bounds=(1, math.inf)),
+        MetricSpec("mean_behaviours", 1, "lower", "polysemanticity",
+                   "mean over units with enough examples of K(tau), the number of behaviours (components)",
+                   bounds=(1, math.inf)),
+        MetricSpec("median_behaviours", 1, "lower", "polysemanticity",
+                   "median over units with enough examples of K(tau)", bounds=(1, math.inf)),
+        MetricSpec("mean_largest_behaviour_share", 1, "higher", "polysemanticity",
+                   "mean over units with enough examples of the largest component's share of the examples",
+                   bounds=(0, 1)),
+        MetricSpec("monosemantic_fraction", 1, "higher", "polysemanticity",
+                   "fraction of all units with enough examples and K(tau) = 1", bounds=(0, 1)),
+        MetricSpec("too_few_examples_fraction", 1, "lower", "polysemanticity",
+                   "fraction of units with fewer characteristic examples than min_examples (dead or nearly dead)",
+                   bounds=(0, 1)),
+    )
+    Options = PolysemanticityOptions
+
+    def __init__(self, entry, adapter, options: PolysemanticityOptions | None = None) -> None:
+        super().__init__(entry, adapter)
+        self.options = options or PolysemanticityOptions()
+        self.taus = (self.options.tau, *self.options.tau_sweep)
+        self.inputs: UnitInputs | None = entry.unit_inputs(adapter)
+        self.selector = None
+        if self.inputs is not None:
+            self.selector = ExampleSelector(entry.width, self.options.activation_fraction, self.options.max_examples,
+                                            self.options.seed)
+        self.examples: Examples | None = None
+        self.behaviours: Behaviours | None = None
+
+    def update(self, batch: EntryBatch) -> None:
+        if self.selector is None:
+            return
+        if batch.context is None or batch.position is None:
+            raise ValueError("polysemanticity needs each scored row's context and position (EntryBatch.context, .position)")
+        self.selector.update(batch.z, batch.context, batch.position)
+
+    def revisit(self, contexts: ScoredContexts) -> None:
+        """Select the examples, re-run their contexts for the embeddings, and find the behaviours."""
+        if self.selector is None:
+            return
+        self.examples = self.selector.result(self.inputs.weight.device)
+        self.behaviours = embedded_behaviours(self.examples, self.inputs, contexts, self.taus, self.adapter.device)
+
+    def _results(self) -> tuple[Examples, Behaviours]:
+        if self.behaviours is None:
+            raise RuntimeError("Polysemanticity.revisit must run (after the pass) before its results are read")
+        return self.examples, self.behaviours
+
+    def compute(self) -> dict[str, float]:
+        if self.inputs is None:
+            return {}
+        examples, behaviours = self._results()
+        enough = examples.count >= self.options.min_examples
+        k = behaviours.n_behaviours[:, 0][enough].to(torch.float64)
+        effective = behaviours.effective[enough]
+
+        def summary(values: torch.Tensor, how: str) -> float:
+            if values.numel() == 0:
+                return math.nan
+            return float(values.mean() if how == "mean" else values.quantile(0.5))
+
+        return {
+            "mean_effective_behaviours": summary(effective, "mean"),
+            "median_effective_behaviours": summary(effective, "median"),
+            "mean_behaviours": summary(k, "mean"),
+            "median_behaviours": summary(k, "median"),
+            "mean_largest_behaviour_share": summary(behaviours.largest_share[enough], "mean"),
+            "monosemantic_fraction": float((k == 1).sum()) / self.entry.width,
+            "too_few_examples_fraction": float((~enough).sum()) / self.entry.width,
+        }
+
+    def unit_values(self) -> dict[str, Any]:
+        width = self.entry.width
+        if self.inputs is None:
+            return {"poly_status": np.full(width, NO_EMBEDDING, dtype=object)}
+        examples, behaviours = self._results()
+        count = examples.count.cpu().numpy()
+        has = count > 0
+        sweep = list(self.options.tau_sweep)
+        n_behaviours = behaviours.n_behaviours.cpu().numpy()
+        sizes = behaviours.sizes.cpu().numpy()
+        central = behaviours.central.clamp_min(0)
+        contexts = examples.context.gather(1, central).cpu().numpy()
+        positions = examples.position.gather(1, central).cpu().numpy()
+        n_components = (sizes > 0).sum(axis=1)
+        k = pd.array(n_behaviours[:, 0], dtype="Int64")
+        k[~has] = pd.NA
+        return {
+            "poly_status": np.where(count >= self.options.min_examples, OK, TOO_FEW_EXAMPLES).astype(object),
+            "n_examples": count.astype(np.int64),
+            "n_behaviours": k,
+            "n_behaviours_sweep": _rows(n_behaviours[:, 1:].tolist(), has),
+            "tau": np.full(width, self.options.tau),
+            "tau_sweep": [sweep] * width,
+            "effective_behaviours": behaviours.effective.cpu().numpy(),
+            "largest_behaviour_share": behaviours.largest_share.cpu().numpy(),
+            "mean_example_cosine": behaviours.mean_cosine.cpu().numpy(),
+            "behaviour_sizes": _rows([row[:k] for row, k in zip(sizes.tolist(), n_components, strict=True)], has),
+            "central_examples": _rows(
+                [[{"context": c, "position": p} for c, p in zip(cs[:k], ps[:k], strict=True)]
+                 for cs, ps, k in zip(contexts.tolist(), positions.tolist(), n_components, strict=True)], has),
+        }
+
+
+def _rows(values: list[Any], present: np.ndarray) -> list[Any]:
+    return [value if keep else None for value, keep in zip(values, present, strict=True)]
+
+
+def embedded_behaviours(examples: Examples, inputs: UnitInputs, contexts: ScoredContexts, taus: Sequence[float],
+                        model_device: torch.device) -> Behaviours:
+    """The behaviours of every unit from its examples: the units go in groups whose examples' h rows fit
+    `CACHE_BYTES`, each group re-running the model once on its examples' contexts, and each group in chunks of
+    units whose embeddings and graphs fit `CHUNK_BYTES`."""
+    width, sample = examples.context.shape
+    device = inputs.weight.device
+    d_h = inputs.weight.shape[1]
+    out = Behaviours(
+        n_behaviours=torch.zeros((width, len(taus)), dtype=torch.int64, device=device),
+        effective=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
+        largest_share=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
+        mean_cosine=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
+        sizes=torch.zeros((width, sample), dtype=torch.int64, device=device),
+        central=torch.full((width, sample), -1, dtype=torch.int64, device=device),
+    )
+    rows_per_group = max(sample, CACHE_BYTES // (4 * d_h))
+    units_per_chunk = max(1, CHUNK_BYTES // (8 * sample * (2 * d_h + 8 * sample)))
+    reached = torch.cumsum(examples.count, 0)
+    start = 0
+    while start < width:
+        before = int(reached[start - 1]) if start else 0
+        end = max(start + 1, int(torch.searchsorted(reached, before + rows_per_group, right=True)))
+        valid = examples.context[start:end] >= 0
+        if valid.any():
+            cache, index = _example_inputs(examples.context[start:end], examples.position[start:end], valid,
+                                           inputs, contexts, model_device)
+            for first in range(start, end, units_per_chunk):
+                last = min(first + units_per_chunk, end)
+                rows = slice(first - start, last - start)
+                weight = inputs.weight[first:last].to(torch.float64)
+                embeddings = cache[index[rows]].to(torch.float64) * weight[:, None, :]
+                _write(out, first, last, unit_behaviours(embeddings, valid[rows], taus))
+        start = end
+    return out
+
+
+def _write(out: Behaviours, first: int, last: int, chunk: Behaviours) -> None:
+    for name in ("n_behaviours", "effective", "largest_share", "mean_cosine", "sizes", "central"):
+        getattr(out, name)[first:last] = getattr(chunk, name)
+
+
+def _example_inputs(context: torch.Tensor, position: torch.Tensor, valid: torch.Tensor, inputs: UnitInputs,
+                    contexts: ScoredContexts, model_device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """h at every distinct (context, position) of the examples, ``[P, d_h]``, from one run of the model over their
+    contexts, and each example's row in it, ``[units, S]``."""
+    span = int(position[valid].max()) + 1
+    pairs, inverse = torch.unique(context[valid] * span + position[valid], return_inverse=True)
+    index = torch.zeros_like(context)
+    index[valid] = inverse
+    cache: torch.Tensor | None = None
+    filled = 0
+    for indices, batch in contexts(torch.unique(pairs // span)):
+        h = inputs.capture(batch.to(model_device))
+        indices = indices.to(pairs.device)
+        lo = int(torch.searchsorted(pairs, indices[0] * span))
+        hi = int(torch.searchsorted(pairs, (indices[-1] + 1) * span))
+        here = pairs[lo:hi]
+        rows = torch.searchsorted(indices, here // span).to(h.device)
+        if cache is None:
+            cache = torch.empty((pairs.numel(), h.shape[-1]), dtype=h.dtype, device=inputs.weight.device)
+        cache[lo:hi] = h[rows, (here % span).to(h.device)].to(cache.device)
+        filled += hi - lo
+    if cache is None or filled != pairs.numel():
+        raise RuntimeError(f"the scored contexts gave {filled} of the {pairs.numel()} examples' inputs")
+    return cache, index

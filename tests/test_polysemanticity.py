@@ -1,0 +1,436 @@
+"""Neuron-embedding polysemanticity (Foote 2024): the embedding identity for every kind of unit, the exact selection of
+characteristic examples, behaviours on inputs with known answers, and the toy benchmark's neurons against its SAEs."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from saebench_poly.inputs import Inputs
+from saebench_poly.metrics import EntryBatch
+from saebench_poly.metrics.behaviours import connected_components, cosine_similarities, unit_behaviours
+from saebench_poly.metrics.examples import ExampleSelector, example_keys
+from saebench_poly.metrics.polysemanticity import Polysemanticity, PolysemanticityOptions
+from saebench_poly.models import Batch, ModelConfig
+from saebench_poly.models.base import ForwardOutput, ModelAdapter, UnitInputs
+from saebench_poly.models.hooked import HookedTransformerAdapter, load_hooked_transformer
+from saebench_poly.run import run_benchmark
+from saebench_poly.sources import SourceContext, load_entry
+from saebench_poly.sources.base import BasisEntry
+from saebench_poly.spec import load_spec, with_overrides
+from tests.conftest import D_MODEL, write_sae
+
+CPU = torch.device("cpu")
+RESID = "blocks.0.hook_resid_post"
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def token_batch(vocab: int = 32, contexts: int = 3, length: int = 8, seed: int = 0) -> Batch:
+    tokens = torch.randint(1, vocab, (contexts, length), generator=torch.Generator().manual_seed(seed))
+    return Batch(tokens, torch.ones(contexts, length, dtype=torch.bool))
+
+
+def pre_activation_from_embeddings(inputs: UnitInputs, batch: Batch) -> torch.Tensor:
+    """sum_k e_u(x)_k + b_u with e_u(x) = h(x) ⊙ w_u, at every token: ``[batch, positions, width]``."""
+    h = inputs.capture(batch).to(torch.float64)
+    embeddings = h[..., None, :] * inputs.weight.to(torch.float64)
+    return embeddings.sum(dim=-1) + inputs.bias.to(torch.float64)
+
+
+# --- the identity sum(e) + b = the unit's pre-activation ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("normalization", "gated", "fold"), [("LN", False, False), ("LN", False, True), ("RMS", True, False)])
+def test_identity_for_transformer_lens_neurons(normalization: str, gated: bool, fold: bool) -> None:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_mlp=24, d_vocab=32,
+                                  act_fn="gelu", normalization_type=normalization, gated_mlp=gated, seed=0)
+    model = HookedTransformer(cfg)
+    with torch.no_grad():  # LayerNorm scale and shift and b_in away from their (trivial) initial values
+        for name, param in model.named_parameters():
+            if ".ln" in name or name.endswith("b_in"):
+                param.add_(torch.randn_like(param) * 0.3)
+    if fold:
+        model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)
+    adapter = HookedTransformerAdapter(model, "tiny", None)
+    inputs = adapter.neuron_inputs("blocks.1.mlp.hook_post")
+    assert inputs.source == "blocks.1.ln2.hook_normalized"
+    batch = token_batch()
+    _, cache = model.run_with_cache(batch.inputs, names_filter=["blocks.1.mlp.hook_pre"])
+    torch.testing.assert_close(pre_activation_from_embeddings(inputs, batch), cache["blocks.1.mlp.hook_pre"].double(),
+                               atol=1e-5, rtol=0)
+    assert adapter.neuron_inputs(RESID) is None  # a residual-stream dimension has no input weights
+
+
+@pytest.mark.parametrize(("architecture", "neurons", "linear"), [
+    ("gpt2", "transformer.h.1.mlp.act", "transformer.h.1.mlp.c_fc"),
+    ("llama", "model.layers.0.mlp.act_fn", "model.layers.0.mlp.gate_proj"),
+])
+def test_identity_for_hugging_face_neurons(tmp_path: Path, architecture: str, neurons: str, linear: str) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from saebench_poly.models.hf import load_hf_model
+
+    torch.manual_seed(0)
+    if architecture == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    adapter = load_hf_model(ModelConfig(loader="hf", name=str(tmp_path)), CPU, torch.float32)
+    inputs = adapter.neuron_inputs(neurons)
+    assert inputs.source == f"input of {linear}"
+    batch = token_batch()
+    outputs: list[torch.Tensor] = []
+    handle = adapter._modules[linear].register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
+    try:
+        adapter.forward(batch, [neurons])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(pre_activation_from_embeddings(inputs, batch), outputs[0].double(), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tl_adapter(tiny_tl_model_dir: Path) -> HookedTransformerAdapter:
+    return load_hooked_transformer(ModelConfig(loader="transformer_lens", name=str(tiny_tl_model_dir)), CPU, torch.float32)
+
+
+def batchtopk_checkpoint(folder: Path) -> Path:
+    """A BatchTopK training checkpoint; the ``disk:`` source loads it as sae-lens converts it (JumpReLU)."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_MODEL, d_sae=32, k=4))
+    sae.cfg.metadata.hook_name = RESID
+    with torch.no_grad():
+        sae.W_enc.mul_(30)  # sae-lens initialises it at norm 0.01 per latent: too small to fire on these activations
+        sae.topk_threshold.fill_(0.05)
+    sae.save_model(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("architecture", "options"), [
+    ("standard", {}), ("standard", {"apply_b_dec_to_input": False, "normalize_activations": "layer_norm"}),
+    ("topk", {"k": 4}), ("topk", {"k": 4, "rescale_acts_by_decoder_norm": True}), ("batchtopk", {}),
+    ("jumprelu", {}), ("gated", {}),
+])
+def test_identity_for_every_sae_lens_architecture(tl_adapter, tmp_path: Path, architecture: str, options: dict) -> None:
+    if architecture == "batchtopk":
+        batchtopk_checkpoint(tmp_path / "sae")
+    else:
+        write_sae(tmp_path / "sae", architecture, D_MODEL, 32, RESID, **options)
+    entry = load_entry("disk:sae", SourceContext(adapter=tl_adapter, device=CPU, dtype=torch.float32, seed=0, base_dir=tmp_path))
+    sae = entry.sae
+    batch = token_batch()
+    ours = pre_activation_from_embeddings(entry.unit_inputs(tl_adapter), batch)
+    x = tl_adapter.forward(batch, [RESID], logits=False).activations[RESID]
+    with torch.no_grad():
+        _, cache = sae.run_with_cache(x, names_filter=["hook_sae_acts_pre"])
+        z = sae.encode(x)
+    pre = cache["hook_sae_acts_pre"].double()
+    if architecture == "gated":  # ours is the gate path; the hook holds the magnitude path, W_enc exp(r_mag) and b_mag
+        magnitude = (ours - sae.b_gate.double()) * sae.r_mag.double().exp() + sae.b_mag.double()
+        torch.testing.assert_close(magnitude, pre, atol=1e-5, rtol=0)
+        assert torch.equal(z > 0, (ours > 0) & (pre > 0))
+        return
+    if options.get("rescale_acts_by_decoder_norm"):
+        pre = pre * sae.W_dec.double().norm(dim=-1)
+    torch.testing.assert_close(ours, pre, atol=1e-5, rtol=0)
+    active = z > 0
+    assert active.any() and entry.architecture == ("jumprelu" if architecture == "batchtopk" else architecture)
+    torch.testing.assert_close(ours[active], z[active].double(), atol=1e-5, rtol=0)  # an active latent is its pre-activation
+
+
+# --- exact selection of characteristic examples ---------------------------------------------------------------------
+
+
+def splitmix64(x: int) -> int:
+    mask = 2**64 - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def brute_force_sample(z: torch.Tensor, context: torch.Tensor, position: torch.Tensor, fraction: float, size: int,
+                       seed: int) -> list[list[tuple[int, int]]]:
+    """The definition, unit by unit in plain Python: per context its max and first argmax, the contexts at or above
+    fraction x the unit's max (and > 0), then the `size` with the smallest keys."""
+    samples = []
+    for unit in range(z.shape[1]):
+        best: dict[int, tuple[float, int]] = {}
+        for row in range(z.shape[0]):
+            c, p, value = int(context[row]), int(position[row]), float(z[row, unit])
+            if c not in best or value > best[c][0] or (value == best[c][0] and p < best[c][1]):
+                best[c] = (value, p)
+        top = max(value for value, _ in best.values())
+        chosen = [(c, p) for c, (value, p) in best.items() if value > 0 and value >= fraction * top]
+        key = {c: splitmix64((splitmix64((splitmix64(seed) + unit) % 2**64) + c) % 2**64) >> 2 for c, _ in chosen}
+        samples.append(sorted(chosen, key=lambda pair: (key[pair[0]], pair[0]))[:size])
+    return samples
+
+
+def streamed_sample(z, context, position, fraction, size, seed, batch_contexts, order=None, device=CPU):
+    selector = ExampleSelector(z.shape[1], fraction, size, seed)
+    n_contexts = int(context.max()) + 1
+    starts = list(range(0, n_contexts, batch_contexts))
+    for start in (starts if order is None else [starts[i] for i in order(len(starts))]):
+        rows = (context >= start) & (context < start + batch_contexts)
+        selector.update(z[rows].to(device), context[rows].to(device), position[rows].to(device))
+    result = selector.result()
+    counts = result.count.tolist()
+    return [list(zip(result.context[u, : counts[u]].tolist(), result.position[u, : counts[u]].tolist(), strict=True))
+            for u in range(z.shape[1])]
+
+
+@pytest.fixture(scope="module")
+def codes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes of 12 units on 240 contexts of 5 tokens: dense, sparse, signed, tied, dead and never-positive units."""
+    generator = torch.Generator().manual_seed(0)
+    n, width = 240 * 5, 12
+    z = torch.randn(n, width, generator=generator) * torch.linspace(0.5, 3, width)
+    z[:, 0] = torch.randint(3, (n,), generator=generator).to(z.dtype)  # ties, across contexts and within them
+    z[:, 1] = 0.0  # dead
+    z[:, 2] = -torch.rand(n, generator=generator)  # never positive
+    z[:, 3] = torch.rand(n, generator=generator)  # dense: most contexts qualify, the sample is full
+    z[:, 4] = torch.relu(z[:, 4] - 2)  # nearly dead: a few contexts qualify
+    context = torch.arange(240).repeat_interleave(5)
+    position = torch.arange(5).repeat(240)
+    return z, context, position
+
+
+def test_example_keys_are_splitmix64() -> None:
+    for seed, unit, context in [(0, 0, 0), (3, 5, 123_456_789), (-1, 2**20, 2**40)]:
+        expected = splitmix64((splitmix64((splitmix64(seed % 2**64) + unit) % 2**64) + context) % 2**64) >> 2
+        assert int(example_keys(seed, torch.tensor([unit]), torch.tensor([context]))[0]) == expected
+
+
+def test_selection_is_the_definition_whatever_the_batch_size_and_order(codes) -> None:
+    z, context, position = codes
+    reference = brute_force_sample(z, context, position, 0.75, 10, seed=3)
+    counts = [len(sample) for sample in reference]
+    assert counts[0] == counts[3] == 10 and counts[1] == counts[2] == 0 and 0 < counts[4] < 10
+    for batch_contexts in (1, 7, 64):
+        assert streamed_sample(z, context, position, 0.75, 10, 3, batch_contexts) == reference, batch_contexts
+    shuffled = lambda n: random.Random(1).sample(range(n), n)  # noqa: E731
+    assert streamed_sample(z, context, position, 0.75, 10, 3, 7, order=shuffled) == reference
+    assert streamed_sample(z, context, position, 0.75, 10, 4, 7) != reference  # another seed, another sample
+
+
+# --- behaviours on known answers ------------------------------------------------------------------------------------
+
+
+class PatternAdapter(ModelAdapter):
+    """A model whose activations at hook ``x`` are its inputs: contexts of 3 positions, 4 dimensions."""
+
+    model_id, family = "patterns", "test"
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def hook_names(self) -> list[str]:
+        return ["x"]
+
+    def hook_width(self, hook: str) -> int:
+        return self.data.shape[-1]
+
+    def forward(self, batch: Batch, hooks, logits: bool = True) -> ForwardOutput:
+        return ForwardOutput(activations={"x": batch.inputs})
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def contexts(self, indices: torch.Tensor, batch_size: int = 16) -> Iterator[tuple[torch.Tensor, Batch]]:
+        indices = torch.unique(indices.cpu())
+        for chunk in indices.split(batch_size):
+            inputs = self.data[chunk.to(self.data.device)]
+            yield chunk, Batch(inputs, torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device))
+
+
+def pattern_data(patterns: list[list[float]], contexts: int = 300, seed: int = 0) -> torch.Tensor:
+    """Each context: one pattern (drawn at random) times an amplitude in [0.5, 1] at a random position, small noise
+    elsewhere and on top."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.tensor(patterns)
+    data = 0.01 * torch.rand(contexts, 3, 4, generator=generator)
+    which = torch.randint(len(patterns), (contexts,), generator=generator)
+    where = torch.randint(3, (contexts,), generator=generator)
+    amplitude = 0.5 + 0.5 * torch.rand(contexts, generator=generator)
+    data[torch.arange(contexts), where] += amplitude[:, None] * basis[which]
+    return data
+
+
+def behaviours_of(data: torch.Tensor, **options) -> pd.DataFrame:
+    """The per-unit polysemanticity of two directions: w = (1, 1, 1, 1) / 2, which every pattern drives, and -w,
+    which nothing drives (dead)."""
+    adapter = PatternAdapter(data)
+    direction = torch.full((1, 4), 0.5, device=data.device)
+    entry = BasisEntry(name="directions", uri="test:directions", kind="random", hook="x", basis=torch.cat([direction, -direction]))
+    accumulator = Polysemanticity(entry, adapter, PolysemanticityOptions(**options))
+    for indices, batch in adapter.contexts(torch.arange(data.shape[0]), batch_size=32):
+        context, position = batch.score_mask.nonzero(as_tuple=True)
+        x = batch.inputs[batch.score_mask]
+        accumulator.update(EntryBatch(x=x, z=entry.encode(x), x_hat=x, context=indices.to(data.device)[context], position=position))
+    accumulator.revisit(adapter.contexts)
+    return pd.DataFrame(accumulator.unit_values()), accumulator.compute()
+
+
+def test_a_unit_driven_by_two_orthogonal_patterns_has_two_behaviours_and_by_one_pattern_one() -> None:
+    two, two_summary = behaviours_of(pattern_data([[1, 1, 0, 0], [0, 0, 1, 1]]))
+    one, one_summary = behaviours_of(pattern_data([[1, 1, 0, 0]]))
+    assert two.loc[0, "n_examples"] == one.loc[0, "n_examples"] == 100
+    assert two.loc[0, "n_behaviours"] == 2 and one.loc[0, "n_behaviours"] == 1
+    assert 1.8 < two.loc[0, "effective_behaviours"] <= 2 and one.loc[0, "effective_behaviours"] == 1
+    assert sum(two.loc[0, "behaviour_sizes"]) == 100 and len(two.loc[0, "central_examples"]) == 2
+    assert abs(two.loc[0, "mean_example_cosine"] - 0.5) < 0.1 and one.loc[0, "mean_example_cosine"] > 0.99
+    assert list(two.loc[0, "n_behaviours_sweep"]) == [2] * len(two.loc[0, "tau_sweep"])
+    # the dead direction has no examples: too few, never monosemantic
+    assert two.loc[1, "poly_status"] == "too_few_examples" and two.loc[1, "n_examples"] == 0
+    assert pd.isna(two.loc[1, "n_behaviours"]) and two.loc[1, "behaviour_sizes"] is None
+    assert two_summary["monosemantic_fraction"] == 0 and one_summary["monosemantic_fraction"] == 0.5
+    assert one_summary["too_few_examples_fraction"] == 0.5 and two_summary["mean_behaviours"] == 2
+
+
+def test_central_examples_are_real_examples_of_each_behaviour() -> None:
+    data = pattern_data([[1, 1, 0, 0], [0, 0, 1, 1]])
+    units, _ = behaviours_of(data, max_examples=40)
+    for central, size in zip(units.loc[0, "central_examples"], units.loc[0, "behaviour_sizes"], strict=True):
+        x = data[central["context"], central["position"]]
+        assert x.sum() > 0.5 * 0.75  # a most-active token of its context
+        assert size >= 1
+    patterns = {int(data[c["context"], c["position"]][:2].sum() < 0.1) for c in units.loc[0, "central_examples"]}
+    assert patterns == {0, 1}  # one central example of each pattern
+
+
+def test_connected_components_of_a_path_a_star_and_isolated_nodes() -> None:
+    n = 6
+    adjacency = torch.zeros(3, n, n, dtype=torch.bool)
+    for i in range(n - 1):  # a path 5 - 4 - ... - 0: the slowest case for label propagation
+        adjacency[0, i, i + 1] = adjacency[0, i + 1, i] = True
+    adjacency[1, 5, :4] = adjacency[1, :4, 5] = True  # a star centred on 5, and node 4 alone
+    labels = connected_components(adjacency)
+    assert labels.tolist() == [[0] * 6, [0, 0, 0, 0, 4, 0], list(range(6))]
+    result = unit_behaviours(torch.eye(4).expand(2, 4, 4), torch.tensor([[True] * 4, [True, True, False, False]]), [0.5])
+    assert result.n_behaviours[:, 0].tolist() == [4, 2] and result.effective.tolist() == pytest.approx([4, 2])
+
+
+# --- runs ---------------------------------------------------------------------------------------------------------
+
+
+def test_run_reports_every_unit_and_says_plainly_which_have_no_embedding(tl_spec, tmp_path: Path) -> None:
+    write_sae(tmp_path / "resid-sae", "standard", D_MODEL, 24, RESID)
+    loaded = load_spec(tl_spec(entries=["disk:resid-sae"], tokens=300))
+    result = run_benchmark(loaded)
+    units = pd.read_parquet(result.output.with_name("board.units.parquet"))
+    status = units.groupby("entry")["poly_status"].agg(set)
+    assert status[f"neurons:{RESID}"] == {"no_embedding"}  # a residual-stream dimension has no input weights
+    resid = units[units["entry"] == f"neurons:{RESID}"]
+    assert resid["n_behaviours"].isna().all() and resid["central_examples"].isna().all()
+    poly_rows = result.rows[result.rows["metric_family"] == "polysemanticity"]
+    assert f"neurons:{RESID}" not in set(poly_rows["entry"])
+    assert {"resid-sae", "neurons:blocks.0.mlp.hook_post", f"pca:{RESID}", f"random:{RESID}"} <= set(poly_rows["entry"])
+    assert set(poly_rows["metric"]) >= {"mean_effective_behaviours", "monosemantic_fraction", "too_few_examples_fraction"}
+    described = units[units["poly_status"] != "no_embedding"]
+    assert (described["n_examples"] <= 100).all() and (described["tau"] == PolysemanticityOptions().tau).all()
+    contexts = int(np.ceil(300 / 11))
+    for examples in described["central_examples"].dropna():
+        for example in examples:
+            assert 0 <= example["context"] < contexts and 1 <= example["position"] < 12  # BOS (position 0) is never scored
+
+
+def test_scored_contexts_are_the_contexts_that_were_scored(tl_spec, tl_adapter) -> None:
+    spec = load_spec(tl_spec(tokens=300, batch_size=4)).spec
+    inputs = Inputs(spec, tl_adapter)
+    every = torch.cat([b.inputs for b in inputs.batches("score")])
+    wanted = torch.tensor([26, 0, 5, 6, 7, 13, 5])
+    fetched = list(inputs.scored_contexts(wanted, batch_size=3))
+    assert [len(i) for i, _ in fetched] == [3, 3] and torch.equal(torch.cat([i for i, _ in fetched]), torch.unique(wanted))
+    assert torch.equal(torch.cat([b.inputs for _, b in fetched]), every[torch.unique(wanted)])
+
+
+@pytest.mark.slow
+def test_on_the_toy_benchmark_polysemantic_neurons_have_more_behaviours_than_single_feature_latents(tmp_path) -> None:
+    from sae_lens import SAE
+
+    from saebench_poly.models.toy import load_toy_model_folder
+
+    loaded = load_spec(REPOSITORY / "benchmarks" / "toy-superposition.toml")
+    loaded = with_overrides(loaded, {"tokens": 20000, "output": str(tmp_path / "toy.parquet")})  # as the end-to-end test
+    units = run_benchmark(loaded, write=False).units
+    units = units[units["poly_status"] == "ok"]
+    model = load_toy_model_folder(loaded.spec.model.name)
+    truth_directions = model.true_feature_directions()
+    features_per_neuron = (truth_directions.T > 0.2).sum(dim=1).numpy()
+    neurons = units[units["entry"] == "neurons:hidden"]
+    polysemantic = neurons[features_per_neuron[neurons["unit"]] >= 2]
+    represented = truth_directions[truth_directions.norm(dim=1) > 0]
+    latents = []
+    for trained in loaded.spec.train:
+        sae = SAE.load_from_disk(loaded.artifacts_dir / "saes" / trained.name)
+        decoder = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+        single = set(np.flatnonzero((decoder @ represented.T).amax(dim=1).numpy() > 0.9))
+        rows = units[units["entry"] == trained.name]
+        latents.append(rows[rows["unit"].isin(single)])
+    latents = pd.concat(latents)
+    assert len(polysemantic) >= 3 and len(latents) >= 20
+    assert polysemantic["n_behaviours"].mean() > latents["n_behaviours"].mean() + 1
+    assert polysemantic["effective_behaviours"].mean() > latents["effective_behaviours"].mean()
+
+
+# --- the device ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_gives_the_same_per_unit_results_as_the_cpu(codes) -> None:
+    z, context, position = codes
+    cuda = torch.device("cuda")
+    for batch_contexts in (7, 64):
+        assert streamed_sample(z, context, position, 0.75, 10, 3, batch_contexts, device=cuda) == \
+            streamed_sample(z, context, position, 0.75, 10, 3, batch_contexts)
+    data = pattern_data([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0]])
+    on_cpu, cpu_summary = behaviours_of(data)
+    on_gpu, gpu_summary = behaviours_of(data.to(cuda))
+    pd.testing.assert_frame_equal(on_gpu.drop(columns=["mean_example_cosine", "effective_behaviours", "largest_behaviour_share"]),
+                                  on_cpu.drop(columns=["mean_example_cosine", "effective_behaviours", "largest_behaviour_share"]))
+    for column in ("mean_example_cosine", "effective_behaviours", "largest_behaviour_share"):
+        np.testing.assert_allclose(on_gpu[column], on_cpu[column], rtol=1e-9)
+    assert gpu_summary == pytest.approx(cpu_summary, rel=1e-9, nan_ok=True)
+
+
+def test_behaviours_at_every_tau_of_a_sweep_are_the_components_of_each_graph() -> None:
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(6, 30, 5, generator=generator).relu()
+    valid = torch.rand(6, 30, generator=generator) < 0.8
+    valid[0] = False  # a unit without examples
+    valid[1, 1:] = False  # and one with one example
+    taus = [0.9, 0.3, 0.5, 0.7, 0.8, 0.95]
+    result = unit_behaviours(embeddings, valid, taus)
+    similarity = cosine_similarities(embeddings, valid)
+    pair = valid[:, :, None] & valid[:, None, :]
+    for i, tau in enumerate(taus):
+        labels = connected_components((similarity > tau) & pair)
+        expected = ((labels == torch.arange(30)) & valid).sum(dim=1)
+        assert result.n_behaviours[:, i].tolist() == expected.tolist()
+    assert result.n_behaviours[:2, 0].tolist() == [0, 1] and len(set(result.n_behaviours[2:, 3].tolist())) > 1
+
+
+def test_options_are_validated_with_the_key_named() -> None:
+    from saebench_poly.errors import UserError
+    from saebench_poly.metrics import resolve_metric_options
+
+    chosen = resolve_metric_options({"polysemanticity": {"tau": 0.9, "max_examples": 50}})
+    assert chosen[Polysemanticity] == PolysemanticityOptions(tau=0.9, max_examples=50)
+    with pytest.raises(UserError, match="tua"):
+        resolve_metric_options({"polysemanticity": {"tua": 0.9}})
+    with pytest.raises(UserError, match="min_examples"):
+        resolve_metric_options({"polysemanticity": {"min_examples": 20, "max_examples": 10}})
