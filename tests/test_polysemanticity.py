@@ -90,7 +90,7 @@ def test_identity_for_hugging_face_neurons(tmp_path: Path, architecture: str, ne
     assert inputs.source == f"input of {linear}"
     batch = token_batch()
     outputs: list[torch.Tensor] = []
-    handle = adapter._modules[linear].register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
+    handle = adapter.model.get_submodule(linear).register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
     try:
         adapter.forward(batch, [neurons])
     finally:
