@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +29,10 @@ import torch
 
 from saebench_poly.regression import Tolerance, check, load_candidate
 from saebench_poly.results import Results
+from saebench_poly.threads import single_thread
 
 TINY_TOY_MODEL = {"n_features": 12, "n_hidden": 5, "feature_probability": 0.1, "importance_decay": 0.85,
                   "train_steps": 400, "batch_size": 512, "seed": 0}
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block, then restore the thread count. The toy workloads move a few
-    thousand numbers per step, which a second thread cannot speed up; on a machine whose cores are busy, threads
-    that spin waiting for each other made them several times slower (6x on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def write_toy_spec(folder: str | Path, name: str = "tiny-toy", entries: Sequence[str] = (), tokens: int = 4000,

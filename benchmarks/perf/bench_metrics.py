@@ -18,7 +18,6 @@ dense and 4 x d_model wide), as a `run` scores them. Prints tokens per second of
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import tempfile
@@ -83,15 +82,7 @@ def timed_pass(adapter, batches, entries, families: tuple[str, ...], timer, devi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", type=int, default=16_384)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--d-sae", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser = _bench_pass().benchmark_arguments(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="passes per configuration; the fastest counts")
     args = parser.parse_args()
 

@@ -109,8 +109,9 @@ def timed(device: torch.device):
     finish.append(time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options every performance benchmark here shares: device, data size and model size."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=16_384)
     parser.add_argument("--context", type=int, default=128)
@@ -119,7 +120,11 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--d-sae", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=4096)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = benchmark_arguments(__doc__).parse_args()
 
     from saebench_poly.spec import load_spec
 

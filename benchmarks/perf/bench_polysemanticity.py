@@ -15,7 +15,6 @@ and a shared machine's speed drifts: (a), (b) and (c) take turns ``--repeats`` t
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pass import bare_pass, build_inputs, timed  # noqa: E402
+from bench_pass import bare_pass, benchmark_arguments, build_inputs, timed  # noqa: E402
 
 FAMILY = "polysemanticity"
 STAGE = "characteristic examples"
@@ -58,15 +57,7 @@ def full_run(loaded, metrics: list[str] | None) -> tuple[int, float, dict[str, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", type=int, default=16_384)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--d-sae", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser = benchmark_arguments(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from saebench_poly.errors import UserError, first_line
 from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, UnitInputs
+from saebench_poly.threads import single_thread
 
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
@@ -87,7 +87,7 @@ def train_pair(n: int, m: int, cfg: IncidentalConfig, advance: Callable[[int], N
     weights = torch.nn.Parameter(torch.randn(cfg.instances, n, m, generator=generator) / m**0.5)
     optimizer = torch.optim.AdamW([weights], lr=cfg.lr, weight_decay=cfg.weight_decay)
     target = torch.eye(n)
-    with _one_thread():
+    with single_thread():
         for _ in range(cfg.steps):
             # the batch is the n one-hot inputs, so the hidden layer is W itself and the output ReLU(W W^T)
             output = torch.relu(weights @ weights.transpose(1, 2))
@@ -98,18 +98,6 @@ def train_pair(n: int, m: int, cfg: IncidentalConfig, advance: Callable[[int], N
             if advance is not None:
                 advance(1)
     return weights.detach()
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread: these matrices are so small that a second thread costs more in
-    synchronisation than it saves (on a loaded 2-core machine the steps were 5 to 10 times slower with two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def features_per_neuron(weights: torch.Tensor, low: float = 0.8, high: float = 1.2) -> torch.Tensor:

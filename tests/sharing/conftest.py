@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,20 +24,11 @@ from saebench_poly.testing import (  # noqa: F401 - fixtures, registered by bein
     TINY_TOY_MODEL,
     saebench_toy_sae,
     saebench_toy_spec,
-    single_thread,
     write_toy_spec,
 )
 from tests.conftest import write_sae
 
 WIDTH = TINY_TOY_MODEL["n_hidden"]
-
-
-@pytest.fixture(scope="package", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One torch thread for these tests' tiny tensors (`saebench_poly.testing.single_thread`: 6x faster on a
-    busy machine), restored after this package's tests."""
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="package")
