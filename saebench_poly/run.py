@@ -93,8 +93,9 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
         _ensure_trained(trained, loaded, adapter, inputs, reporter)
     entries = _load_entries(loaded, adapter, device, dtype)
 
-    with reporter.task("fitting baselines", inputs.tokens_in("fit")) as advance:
-        fit_baselines(adapter, entries, inputs.batches("fit"), advance)
+    if any(entry.needs_fit for entry in entries):
+        with reporter.task("fitting baselines", inputs.tokens_in("fit")) as advance:
+            fit_baselines(adapter, entries, inputs.batches("fit"), advance)
     scored = []
     for entry in entries:
         entry.to(device, dtype)
