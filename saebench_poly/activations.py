@@ -15,6 +15,7 @@ import torch
 
 from saebench_poly.metrics.base import Accumulator, DownstreamBatch, EntryBatch, ScoredContexts
 from saebench_poly.metrics.downstream import cross_entropy, kl_divergence, next_token_log_probs
+from saebench_poly.metrics.moments import Moments
 from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter
 from saebench_poly.sources.base import Entry
 
@@ -31,36 +32,6 @@ class ScoredEntry:
     @property
     def needs_downstream(self) -> bool:
         return any(a.needs_downstream for a in self.accumulators)
-
-
-@dataclass
-class Moments:
-    """Streaming mean and covariance of a hook's activations in float64 (Chan et al.'s pairwise update of the
-    co-moment matrix C = sum_t (x_t - mean)(x_t - mean)^T)."""
-
-    count: int = 0
-    mean: torch.Tensor | None = None
-    comoment: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.to(torch.float64)
-        n_b = x.shape[0]
-        if n_b == 0:
-            return
-        mean_b = x.mean(dim=0)
-        centered = x - mean_b
-        comoment_b = centered.T @ centered
-        if self.mean is None:
-            self.count, self.mean, self.comoment = n_b, mean_b, comoment_b
-            return
-        total = self.count + n_b
-        delta = mean_b - self.mean
-        self.comoment = self.comoment + comoment_b + torch.outer(delta, delta) * (self.count * n_b / total)
-        self.mean = self.mean + delta * (n_b / total)
-        self.count = total
-
-    def covariance(self) -> torch.Tensor:
-        return self.comoment / max(self.count - 1, 1)
 
 
 def fit_baselines(adapter: ModelAdapter, entries: list[Entry], batches: Iterable[Batch], progress: Progress | None = None) -> None:

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from saebench_poly.activations import Moments
 from saebench_poly.metrics import EntryBatch, all_metrics
 from saebench_poly.metrics.core import Reconstruction, Sparsity
 from saebench_poly.metrics.feature_recovery import FeatureRecovery
+from saebench_poly.metrics.moments import Moments
 from saebench_poly.sources.base import NeuronEntry, SAEEntry
 from tests.conftest import write_sae
 

@@ -32,13 +32,12 @@ class Sparsity(Accumulator):
         self.max_activation: torch.Tensor | None = None
 
     def update(self, batch: EntryBatch) -> None:
-        active = batch.z.detach() != 0
-        counts = active.sum(dim=0, dtype=torch.int64)
+        counts = batch.firing_counts()
         maxima = batch.z.detach().amax(dim=0).to(torch.float64) if batch.z.shape[0] else None
         if self.active_counts is None:
             self.active_counts = torch.zeros_like(counts)
             self.max_activation = torch.full_like(counts, float("-inf"), dtype=torch.float64)
-        self.active_counts += counts
+        self.active_counts = self.active_counts + counts
         if maxima is not None:
             self.max_activation = torch.maximum(self.max_activation, maxima)
         self.tokens += batch.z.shape[0]

@@ -17,7 +17,7 @@ rotated coordinates; for an SAE, its latents.
 
 **Exact and sampled.** While the width is at most ``max_exact_width`` (default 4096) the covariance is exact over
 all N scored tokens: float64 streaming sums merged across batches with Chan et al.'s update (dense codes through
-`saebench_poly.activations.Moments`; sparse codes, at most width / 32 active units per token, through the sum of
+`saebench_poly.metrics.moments.Moments`; sparse codes, at most width / 32 active units per token, through the sum of
 outer products of their active entries, which is the same number computed faster). Wider codes use a uniform
 sample of ``sample_size`` tokens (default 4096, without replacement): each token gets a pseudo-random key from its
 index in the scored data and ``seed`` (splitmix64), and the tokens with the smallest keys are kept (bottom-k
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from saebench_poly.activations import Moments
 from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec
+from saebench_poly.metrics.moments import Moments
 
 SPARSE_ACTIVE_FRACTION = 1 / 32
 ZERO_EIGENVALUE = 1e-10
