@@ -10,10 +10,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from saebench_poly.errors import UserError
 
 
 @dataclass
@@ -136,3 +139,17 @@ class ModelConfig(BaseModel):
     name: str
     revision: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+
+CONFIG_FILENAME = "config.json"
+WEIGHTS_FILENAME = "model.safetensors"
+
+
+def model_folder_files(folder: Path, kind: str) -> tuple[Path, Path]:
+    """``(config.json, model.safetensors)`` of a local model folder; a `UserError` naming the missing file
+    (``kind`` with its article: "a toy model")."""
+    config_path, weights_path = folder / CONFIG_FILENAME, folder / WEIGHTS_FILENAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise UserError(f"{folder} is not {kind} folder: {path.name} is missing")
+    return config_path, weights_path

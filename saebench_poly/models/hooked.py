@@ -21,10 +21,18 @@ from safetensors.torch import load_file, save_file
 
 from saebench_poly.errors import UserError, first_line
 from saebench_poly.hub import is_offline_error
-from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, Replacement, UnitInputs
+from saebench_poly.models.base import (
+    CONFIG_FILENAME,
+    WEIGHTS_FILENAME,
+    Batch,
+    ForwardOutput,
+    ModelAdapter,
+    ModelConfig,
+    Replacement,
+    UnitInputs,
+    model_folder_files,
+)
 
-CONFIG_FILENAME = "config.json"
-WEIGHTS_FILENAME = "model.safetensors"
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 _MLP_NEURON_HOOK = re.compile(r"^blocks\.(\d+)\.mlp\.hook_(pre|post)$")
 
@@ -44,10 +52,7 @@ def save_hooked_transformer(model: Any, folder: str | Path) -> Path:
 def _load_local(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    config_path, weights_path = folder / CONFIG_FILENAME, folder / WEIGHTS_FILENAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise UserError(f"{folder} is not a transformer-lens model folder: {path.name} is missing")
+    config_path, weights_path = model_folder_files(folder, "a transformer-lens model")
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:

@@ -37,11 +37,17 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saebench_poly.errors import UserError, first_line
-from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, UnitInputs
+from saebench_poly.models.base import (
+    CONFIG_FILENAME,
+    WEIGHTS_FILENAME,
+    Batch,
+    ForwardOutput,
+    ModelAdapter,
+    ModelConfig,
+    UnitInputs,
+    model_folder_files,
+)
 from saebench_poly.threads import single_thread
-
-CONFIG_FILENAME = "config.json"
-WEIGHTS_FILENAME = "model.safetensors"
 
 Pair = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
 
@@ -192,10 +198,7 @@ def load_incidental_model(cfg: ModelConfig, device: torch.device, dtype: torch.d
         raise UserError(f"invalid options for incidental model {folder}: {where}: {problem['msg']}") from None
     if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
         _train_into(folder, wanted)
-    config_path, weights_path = folder / CONFIG_FILENAME, folder / WEIGHTS_FILENAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise UserError(f"{folder} is not an incidental model folder: {path.name} is missing")
+    config_path, weights_path = model_folder_files(folder, "an incidental model")
     try:
         found = IncidentalConfig.model_validate_json(config_path.read_text())
         weights = load_file(weights_path)

@@ -24,10 +24,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saebench_poly.errors import UserError
-from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, UnitInputs
+from saebench_poly.models.base import (
+    CONFIG_FILENAME,
+    WEIGHTS_FILENAME,
+    Batch,
+    ForwardOutput,
+    ModelAdapter,
+    ModelConfig,
+    UnitInputs,
+    model_folder_files,
+)
 
-CONFIG_FILENAME = "config.json"
-WEIGHTS_FILENAME = "model.safetensors"
 HIDDEN_HOOK = "hidden"
 # synthetic_batches draws features in chunks of this many samples, so the samples do not depend on the batch size.
 _SAMPLE_CHUNK = 4096
@@ -130,10 +137,7 @@ def save_toy_model(model: ToySuperpositionModel, folder: str | Path) -> None:
 def load_toy_model_folder(folder: str | Path) -> ToySuperpositionModel:
     """Read a folder written by `save_toy_model`; a `UserError` when a file is missing or does not fit."""
     folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_FILENAME, folder / WEIGHTS_FILENAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise UserError(f"{folder} is not a toy model folder: {path.name} is missing")
+    config_path, weights_path = model_folder_files(folder, "a toy model")
     try:
         cfg = ToySuperpositionConfig.model_validate_json(config_path.read_text())
     except ValidationError as error:
