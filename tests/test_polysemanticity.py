@@ -269,12 +269,23 @@ def pattern_data(patterns: list[list[float]], contexts: int = 300, seed: int = 0
     return data
 
 
-def behaviours_of(data: torch.Tensor, **options) -> pd.DataFrame:
-    """The per-unit polysemanticity of two directions: w = (1, 1, 1, 1) / 2, which every pattern drives, and -w,
-    which nothing drives (dead)."""
+class PositiveDirections(BasisEntry):
+    """Directions read on their positive side only, as neurons are (`Entry.signed_units` False)."""
+
+    @property
+    def signed_units(self) -> bool:
+        return False
+
+
+def behaviours_of(data: torch.Tensor, basis: torch.Tensor | None = None, signed: bool = False, **options) -> pd.DataFrame:
+    """The per-unit polysemanticity of directions, by default w = (1, 1, 1, 1) / 2, which every pattern drives, and
+    -w, which nothing drives on its positive side (dead), read as neurons are; ``signed``: read on both sides."""
     adapter = PatternAdapter(data)
-    direction = torch.full((1, 4), 0.5, device=data.device)
-    entry = BasisEntry(name="directions", uri="test:directions", kind="random", hook="x", basis=torch.cat([direction, -direction]))
+    if basis is None:
+        direction = torch.full((1, 4), 0.5, device=data.device)
+        basis = torch.cat([direction, -direction])
+    kind = BasisEntry if signed else PositiveDirections
+    entry = kind(name="directions", uri="test:directions", kind="random", hook="x", basis=basis.to(data.device))
     accumulator = Polysemanticity(entry, adapter, PolysemanticityOptions(**options))
     for indices, batch in adapter.contexts(torch.arange(data.shape[0]), batch_size=32):
         context, position = batch.score_mask.nonzero(as_tuple=True)
@@ -298,6 +309,19 @@ def test_a_unit_driven_by_two_orthogonal_patterns_has_two_behaviours_and_by_one_
     assert pd.isna(two.loc[1, "n_behaviours"]) and two.loc[1, "behaviour_sizes"] is None
     assert two_summary["monosemantic_fraction"] == 0 and one_summary["monosemantic_fraction"] == 0.5
     assert one_summary["too_few_examples_fraction"] == 0.5 and two_summary["mean_behaviours"] == 2
+
+
+def test_a_signed_direction_is_characterised_on_both_sides() -> None:
+    """w = (1, 1, -1, -1) / 2: pattern A drives it up, pattern B down. Read on both sides (PCA and random
+    directions are), its examples come from A and B, two behaviours; read on its positive side, A alone."""
+    data = pattern_data([[1, 1, 0, 0], [0, 0, 1, 1]])
+    basis = torch.tensor([[0.5, 0.5, -0.5, -0.5]])
+    both, _ = behaviours_of(data, basis, signed=True)
+    positive, _ = behaviours_of(data, basis, signed=False)
+    assert both.loc[0, "n_behaviours"] == 2 and positive.loc[0, "n_behaviours"] == 1
+    sides = {bool(data[c["context"], c["position"]][:2].sum() > 0.1) for c in both.loc[0, "central_examples"]}
+    assert sides == {True, False}  # one behaviour on each side
+    assert all(35 < size < 65 for size in both.loc[0, "behaviour_sizes"])
 
 
 def test_central_examples_are_real_examples_of_each_behaviour() -> None:

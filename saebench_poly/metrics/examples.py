@@ -1,6 +1,7 @@
 """Characteristic examples of every unit, selected exactly during the one activation pass (Foote 2024's rule).
 
-Definition. For unit u and scored context c, m_u(c) = max_t z_u(c, t) and t*_u(c) is the lowest position attaining it;
+Definition. For unit u and scored context c, m_u(c) = max_t z_u(c, t) and t*_u(c) is the lowest position attaining it
+(z: the activity the selector is fed, the code or, for signed units, its magnitude);
 M_u = max_c m_u(c), the unit's maximum over all scored tokens. The characteristic contexts of u are
 
     Q_u = {c : m_u(c) > 0 and m_u(c) >= f M_u}          (f = ``fraction``, Foote's 0.75)

@@ -14,9 +14,12 @@ The embedding lives in the space of the unit's own input: for raw neurons the la
 baseline directions the hook's space.
 
 Characteristic examples (`saebench_poly.metrics.examples`, exact and independent of batching): the contexts whose
-maximum activation of u is > 0 and >= f M_u (f = ``activation_fraction`` = 0.75, M_u = u's maximum over all scored
+maximum activity of u is > 0 and >= f M_u (f = ``activation_fraction`` = 0.75, M_u = u's maximum over all scored
 tokens), one per context at its most active token, a seeded uniform sample of at most S = ``max_examples`` = 100.
-Only the positive direction of a signed unit (PCA, random directions) is characterised, as its most active tokens.
+A unit's activity is its code z, except for signed units (`Entry.signed_units`: PCA and random directions, whose
+two sides are equally directions of the data), whose activity is |z|: their examples come from both sides, and an
+example's embedding keeps its sign (the sum identity gives z < 0 on the negative side), so the two sides fall into
+different behaviours unless their embeddings agree.
 The sample's keys hash the option ``seed`` (not the spec's ``seed``), the unit and the context.
 Behaviours (`saebench_poly.metrics.behaviours`): the graph on u's examples with an edge where cos(e_i, e_j) > tau;
 its connected components. With n = the number of examples and p_k = |component k| / n:
@@ -142,7 +145,8 @@ class Polysemanticity(Accumulator):
             return
         if batch.context is None or batch.position is None:
             raise ValueError("polysemanticity needs each scored row's context and position (EntryBatch.context, .position)")
-        self.selector.update(batch.z, batch.context, batch.position)
+        activity = batch.z.abs() if self.entry.signed_units else batch.z
+        self.selector.update(activity, batch.context, batch.position)
 
     def revisit(self, contexts: ScoredContexts) -> None:
         """Select the examples, re-run their contexts for the embeddings, and find the behaviours."""

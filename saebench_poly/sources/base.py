@@ -74,6 +74,12 @@ class Entry(ABC):
         """True when the entry is fitted on held-out activations (PCA) before scoring."""
         return False
 
+    @property
+    def signed_units(self) -> bool:
+        """True when both signs of a unit's code are activity (a direction read as a coordinate, such as a PCA
+        component), so that its magnitude |z| says how active it is; False when z itself does (latents, neurons)."""
+        return False
+
     def fit(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
         """Fit on the held-out activations' mean and covariance (float64)."""
         raise NotImplementedError
@@ -169,6 +175,11 @@ class BasisEntry(Entry):
     def needs_fit(self) -> bool:
         return self.basis is None
 
+    @property
+    def signed_units(self) -> bool:
+        """A basis direction's coordinate is active on either side: +v and -v are equally directions of the data."""
+        return True
+
     def fit(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
         """PCA: eigenvectors of the covariance, by decreasing eigenvalue, with signs fixed so that each vector's
         largest-magnitude coordinate is positive (a deterministic basis)."""
@@ -218,6 +229,11 @@ class BasisEntry(Entry):
 
 class NeuronEntry(BasisEntry):
     """The raw units at a hook: the identity basis, so ``z = x`` and ``x_hat = x`` (computed without a matmul)."""
+
+    @property
+    def signed_units(self) -> bool:
+        """A neuron's activation is its activity (for MLP neurons the nonlinearity's positive side)."""
+        return False
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
