@@ -163,7 +163,7 @@ def _ensure_trained(trained: TrainedSAESpec, loaded: LoadedSpec, adapter: ModelA
         raise UserError(f"trained SAE {trained.name!r} needs a hook: set its `hook` or the spec's `hooks`")
     d_in = adapter.hook_width(hook)
     record = {"training": trained.model_dump(mode="json"), "hook": hook, "d_in": d_in, "model_id": adapter.model_id,
-              "data": loaded.spec.settings_hash()}
+              "data": loaded.spec.data_settings_hash()}
     folder = _trained_folder(loaded, trained)
     record_path = folder / TRAINING_RECORD
     if record_path.is_file() and json.loads(record_path.read_text()) == record:

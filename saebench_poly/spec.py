@@ -119,6 +119,12 @@ class BenchmarkSpec(BaseModel):
         """sha256 of `settings` (canonical JSON). Two results are comparable when their hashes are equal."""
         return settings_hash(self.settings())
 
+    def data_settings_hash(self) -> str:
+        """sha256 of `settings` without the metrics and their options: what the activations depend on, so what an
+        SAE trained on them depends on."""
+        settings = self.settings()
+        return settings_hash({key: value for key, value in settings.items() if key not in ("metrics", "metric_options")})
+
 
 class LoadedSpec(BaseModel):
     """A validated spec and the file it came from."""

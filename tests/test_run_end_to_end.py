@@ -13,6 +13,7 @@ import pytest
 from saebench_poly.leaderboard import LEADERBOARD_SCHEMA, SCHEMA_METADATA_KEY, SCHEMA_VERSION, UNITS_SCHEMA, units_path
 from saebench_poly.run import run_benchmark
 from saebench_poly.spec import load_spec, with_overrides
+from saebench_poly.testing import write_toy_spec
 from tests.conftest import D_MLP, D_MODEL, write_sae
 
 RESID = "blocks.0.hook_resid_post"
@@ -98,3 +99,19 @@ def test_hooks_lists_the_models_hooks_with_their_widths(tl_spec, run_cli) -> Non
     widths = dict(line.split("\t") for line in out.strip().splitlines())
     assert widths[RESID] == str(D_MODEL) and widths["blocks.1.mlp.hook_post"] == str(D_MLP)
     assert widths["blocks.0.attn.hook_z"] == str(D_MODEL)
+
+
+def test_a_trained_sae_is_reused_when_only_the_metrics_change_and_retrained_when_the_data_do(tmp_path: Path) -> None:
+    spec = write_toy_spec(tmp_path, tokens=1000, fit_tokens=200)
+    spec.write_text(spec.read_text() + '\n[[train]]\nname = "tiny"\narchitecture = "topk"\nd_sae = 8\nk = 2\n'
+                    'training_samples = 2000\nbatch_size = 500\nlr = 3e-3\n')
+    loaded = load_spec(spec)
+    weights = tmp_path / ".artifacts" / "tiny-toy" / "saes" / "tiny" / "sae_weights.safetensors"
+
+    def trained_at(overrides: dict) -> int:
+        run_benchmark(with_overrides(loaded, overrides), write=False)
+        return weights.stat().st_mtime_ns
+
+    first = trained_at({})
+    assert trained_at({"metrics": ["fvu", "l0"], "metric_options": {"rate": {"bits_per_value": 8}}}) == first
+    assert trained_at({"seed": 1}) != first
