@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from saebench_poly.inputs import SYNTHETIC_SEED_OFFSETS
-from saebench_poly.metrics.polysemanticity import DEFAULT_TAU
+from saebench_poly.metrics.polysemanticity import DEFAULT_TAU, PolysemanticityOptions
 from saebench_poly.models.toy import ToyModelAdapter, load_toy_model_folder
 from saebench_poly.run import run_benchmark
 from saebench_poly.spec import BenchmarkSpec, LoadedSpec
@@ -76,7 +76,7 @@ def neuron_behaviours(seed: int, fraction: float, scratch: Path) -> tuple[np.nda
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, help="toy models trained with seeds 0..N-1")
-    parser.add_argument("--fraction", type=float, default=0.75, help="activation fraction of the characteristic examples")
+    parser.add_argument("--fraction", type=float, default=PolysemanticityOptions().activation_fraction, help="activation fraction of the characteristic examples")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         results = [neuron_behaviours(seed, args.fraction, Path(scratch)) for seed in range(args.seeds)]
@@ -97,8 +97,12 @@ def main() -> None:
           f"contexts have two or more of their features active (the {len(truth) - several.sum()} others: "
           f"{conjunctions[~several].mean():.1%})")
     chosen = SWEEP[int(np.argmax(agreement))]
-    print(f"chosen tau = {chosen} (K = truth for {agreement.max():.1%} of the neurons); "
-          f"DEFAULT_TAU = {DEFAULT_TAU}: {'the same' if chosen == DEFAULT_TAU else 'DIFFERENT, update it'}")
+    print(f"chosen tau = {chosen} (K = truth for {agreement.max():.1%} of the neurons)", end="; ")
+    default_fraction = PolysemanticityOptions().activation_fraction
+    if args.fraction != default_fraction:
+        print(f"DEFAULT_TAU is calibrated at the default fraction {default_fraction}, not {args.fraction}")
+    else:
+        print(f"DEFAULT_TAU = {DEFAULT_TAU}: {'the same' if chosen == DEFAULT_TAU else 'DIFFERENT, update it'}")
 
 
 if __name__ == "__main__":
