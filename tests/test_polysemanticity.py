@@ -458,3 +458,16 @@ def test_options_are_validated_with_the_key_named() -> None:
         resolve_metric_options({"polysemanticity": {"tua": 0.9}})
     with pytest.raises(UserError, match="min_examples"):
         resolve_metric_options({"polysemanticity": {"min_examples": 20, "max_examples": 10}})
+
+
+def test_chunking_and_cutting_chunks_to_their_largest_count_change_nothing(monkeypatch) -> None:
+    """24 random directions read on their positive side have from 0 to 100 examples. One chunk cut to the largest
+    count (100: the whole sample) is the reference; chunks of one unit, each cut to its own count, must agree."""
+    data = pattern_data([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0], [0, 1, 0, 1]], contexts=400)
+    basis = torch.nn.functional.normalize(torch.randn(24, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    monkeypatch.setattr("saebench_poly.metrics.polysemanticity.CHUNK_BYTES", 2**40)
+    whole, _ = behaviours_of(data, basis)
+    monkeypatch.setattr("saebench_poly.metrics.polysemanticity.CHUNK_BYTES", 1)
+    single, _ = behaviours_of(data, basis)
+    assert whole["n_examples"].max() == 100 and whole["n_examples"].min() == 0 and whole["n_examples"].nunique() > 3
+    pd.testing.assert_frame_equal(whole, single)

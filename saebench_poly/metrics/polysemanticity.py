@@ -223,8 +223,10 @@ def _rows(values: list[Any], present: np.ndarray) -> list[Any]:
 def embedded_behaviours(examples: Examples, inputs: UnitInputs, contexts: ScoredContexts, taus: Sequence[float],
                         model_device: torch.device) -> Behaviours:
     """The behaviours of every unit from its examples: the units go in groups whose examples' h rows fit
-    `CACHE_BYTES`, each group re-running the model once on its examples' contexts, and each group in chunks of
-    units whose embeddings and graphs fit `CHUNK_BYTES`."""
+    `CACHE_BYTES`, each group re-running the model once on its examples' contexts. Within a group, the units with
+    examples go by increasing count in chunks whose embeddings and graphs, cut to the chunk's largest count (the
+    examples are packed to the left), fit `CHUNK_BYTES`: a wide SAE whose latents have few examples each costs
+    little."""
     width, sample = examples.context.shape
     device = inputs.weight.device
     d_h = inputs.weight.shape[1]
@@ -237,7 +239,6 @@ def embedded_behaviours(examples: Examples, inputs: UnitInputs, contexts: Scored
         central=torch.full((width, sample), -1, dtype=torch.int64, device=device),
     )
     rows_per_group = max(sample, CACHE_BYTES // (4 * d_h))
-    units_per_chunk = max(1, CHUNK_BYTES // (8 * sample * (2 * d_h + 8 * sample)))
     reached = torch.cumsum(examples.count, 0)
     start = 0
     while start < width:
@@ -247,19 +248,42 @@ def embedded_behaviours(examples: Examples, inputs: UnitInputs, contexts: Scored
         if valid.any():
             cache, index = _example_inputs(examples.context[start:end], examples.position[start:end], valid,
                                            inputs, contexts, model_device)
-            for first in range(start, end, units_per_chunk):
-                last = min(first + units_per_chunk, end)
-                rows = slice(first - start, last - start)
-                weight = inputs.weight[first:last].to(torch.float64)
-                embeddings = cache[index[rows]].to(torch.float64) * weight[:, None, :]
-                _write(out, first, last, unit_behaviours(embeddings, valid[rows], taus))
+            for rows in _chunks_by_count(examples.count[start:end], d_h):
+                n = int(examples.count[start + rows[-1]])
+                weight = inputs.weight[start + rows].to(torch.float64)
+                embeddings = cache[index[rows, :n]].to(torch.float64) * weight[:, None, :]
+                _write(out, start + rows, unit_behaviours(embeddings, valid[rows, :n], taus))
         start = end
     return out
 
 
-def _write(out: Behaviours, first: int, last: int, chunk: Behaviours) -> None:
-    for name in ("n_behaviours", "effective", "largest_share", "mean_cosine", "sizes", "central"):
-        getattr(out, name)[first:last] = getattr(chunk, name)
+def _chunks_by_count(count: torch.Tensor, d_h: int) -> list[torch.Tensor]:
+    """The positions of the units with examples, by increasing count, cut into chunks of U units with n = the
+    chunk's largest count such that U n (2 d_h + 8 n) float64 values fit `CHUNK_BYTES` (at least one unit)."""
+    order = torch.argsort(count, stable=True)
+    order = order[count[order] > 0]
+    counts = count[order].tolist()
+
+    def fits(n: int) -> int:
+        return max(1, CHUNK_BYTES // (8 * n * (2 * d_h + 8 * n)))
+
+    chunks, first = [], 0
+    while first < len(counts):
+        size = fits(counts[first])
+        while size > 1 and size > fits(counts[min(first + size, len(counts)) - 1]):
+            size = fits(counts[min(first + size, len(counts)) - 1])
+        chunks.append(order[first : first + size])
+        first += size
+    return chunks
+
+
+def _write(out: Behaviours, units: torch.Tensor, chunk: Behaviours) -> None:
+    """Store a chunk's results for ``units``; its per-example columns are padded to the sample size."""
+    for name in ("n_behaviours", "effective", "largest_share", "mean_cosine"):
+        getattr(out, name)[units] = getattr(chunk, name)
+    n = chunk.sizes.shape[1]
+    out.sizes[units, :n] = chunk.sizes
+    out.central[units, :n] = chunk.central
 
 
 def _example_inputs(context: torch.Tensor, position: torch.Tensor, valid: torch.Tensor, inputs: UnitInputs,
