@@ -86,14 +86,15 @@ def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Ba
 
 
 def revisit(scored: list[ScoredEntry], contexts: ScoredContexts, progress: Progress | None = None) -> None:
-    """After the pass, each accumulator may run chosen scored contexts through the model again
-    (`Accumulator.revisit`); ``progress`` advances by one per entry."""
+    """After the pass, the accumulators of each class may run chosen scored contexts through the model again,
+    together (`Accumulator.revisit_all`); ``progress`` advances by one per accumulator."""
+    by_class: dict[type, list] = {}
+    for item in scored:
+        for accumulator in item.accumulators:
+            by_class.setdefault(type(accumulator), []).append(accumulator)
     with torch.no_grad():
-        for item in scored:
-            for accumulator in item.accumulators:
-                accumulator.revisit(contexts)
-            if progress:
-                progress(1)
+        for kind, accumulators in by_class.items():
+            kind.revisit_all(accumulators, contexts, progress or (lambda _n: None))
 
 
 class _DownstreamPass:

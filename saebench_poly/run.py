@@ -104,7 +104,7 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
         scored.append(ScoredEntry(entry, accumulators))
     with reporter.task(f"scoring {len(entries)} entries", inputs.tokens_in("score")) as advance:
         tokens = score(adapter, scored, inputs.batches("score"), advance)
-    with reporter.task("characteristic examples", len(scored)) as advance:
+    with reporter.task("characteristic examples", sum(len(item.accumulators) for item in scored)) as advance:
         revisit(scored, inputs.scored_contexts, advance)
 
     rows, units = _records(loaded, adapter, inputs, scored, metrics, tokens, device)

@@ -243,6 +243,7 @@ class PatternAdapter(ModelAdapter):
         return self.data.shape[-1]
 
     def forward(self, batch: Batch, hooks, logits: bool = True) -> ForwardOutput:
+        self.forwards = getattr(self, "forwards", 0) + 1
         return ForwardOutput(activations={"x": batch.inputs})
 
     @property
@@ -286,13 +287,21 @@ def behaviours_of(data: torch.Tensor, basis: torch.Tensor | None = None, signed:
         basis = torch.cat([direction, -direction])
     kind = BasisEntry if signed else PositiveDirections
     entry = kind(name="directions", uri="test:directions", kind="random", hook="x", basis=basis.to(data.device))
-    accumulator = Polysemanticity(entry, adapter, PolysemanticityOptions(**options))
-    for indices, batch in adapter.contexts(torch.arange(data.shape[0]), batch_size=32):
-        context, position = batch.score_mask.nonzero(as_tuple=True)
-        x = batch.inputs[batch.score_mask]
-        accumulator.update(EntryBatch(x=x, z=entry.encode(x), x_hat=x, context=indices.to(data.device)[context], position=position))
+    (accumulator,) = scored_accumulators(adapter, [entry], PolysemanticityOptions(**options))
     accumulator.revisit(adapter.contexts)
     return pd.DataFrame(accumulator.unit_values()), accumulator.compute()
+
+
+def scored_accumulators(adapter: PatternAdapter, entries: list[BasisEntry], options: PolysemanticityOptions) -> list[Polysemanticity]:
+    """One Polysemanticity accumulator per entry, fed every context of the adapter's data (not yet revisited)."""
+    accumulators = [Polysemanticity(entry, adapter, options) for entry in entries]
+    for indices, batch in adapter.contexts(torch.arange(adapter.data.shape[0]), batch_size=32):
+        context, position = batch.score_mask.nonzero(as_tuple=True)
+        x = batch.inputs[batch.score_mask]
+        for entry, accumulator in zip(entries, accumulators, strict=True):
+            accumulator.update(EntryBatch(x=x, z=entry.encode(x), x_hat=x, context=indices.to(x.device)[context],
+                                          position=position))
+    return accumulators
 
 
 def test_a_unit_driven_by_two_orthogonal_patterns_has_two_behaviours_and_by_one_pattern_one() -> None:
@@ -471,3 +480,35 @@ def test_chunking_and_cutting_chunks_to_their_largest_count_change_nothing(monke
     single, _ = behaviours_of(data, basis)
     assert whole["n_examples"].max() == 100 and whole["n_examples"].min() == 0 and whole["n_examples"].nunique() > 3
     pd.testing.assert_frame_equal(whole, single)
+
+
+def test_entries_at_one_hook_share_each_forward_of_the_re_run_and_grouping_changes_nothing(monkeypatch) -> None:
+    """Three entries revisited together re-run each batch of the union of their contexts once. Cutting the units
+    into many groups (many rounds of re-runs) and revisiting each entry alone give the same per-unit results."""
+    data = pattern_data([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0], [0, 1, 0, 1]], contexts=400)
+    adapter = PatternAdapter(data)
+    entries = [BasisEntry(name=f"random{seed}", uri=f"test:random{seed}", kind="random", hook="x",
+                          basis=torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)))[0])
+               for seed in range(3)]
+    options = PolysemanticityOptions(max_examples=50)
+
+    def revisited_together() -> tuple[int, int, list[pd.DataFrame]]:
+        accumulators = scored_accumulators(adapter, entries, options)
+        adapter.forwards = 0
+        Polysemanticity.revisit_all(accumulators, adapter.contexts, lambda _n: None)
+        union = torch.unique(torch.cat([a.examples.context[a.examples.context >= 0] for a in accumulators]))
+        return adapter.forwards, -(-union.numel() // 16), [pd.DataFrame(a.unit_values()) for a in accumulators]
+
+    forwards, batches, together = revisited_together()
+    assert forwards == batches  # one forward per batch, not one per entry and batch
+    alone = []
+    for entry in entries:
+        (accumulator,) = scored_accumulators(adapter, [entry], options)
+        accumulator.revisit(adapter.contexts)
+        alone.append(pd.DataFrame(accumulator.unit_values()))
+    monkeypatch.setattr("saebench_poly.metrics.polysemanticity.CACHE_BYTES", 1)
+    grouped_forwards, _, grouped = revisited_together()
+    assert grouped_forwards > 2 * forwards  # a round per group of one unit
+    for frames in (alone, grouped):
+        for mine, theirs in zip(together, frames, strict=True):
+            pd.testing.assert_frame_equal(mine, theirs)

@@ -116,6 +116,15 @@ class Accumulator(ABC):
         through the model again (the characteristic examples of `saebench_poly.metrics.polysemanticity`); nothing
         by default."""
 
+    @classmethod
+    def revisit_all(cls, accumulators: Sequence[Accumulator], contexts: ScoredContexts,
+                    progress: Callable[[int], None]) -> None:
+        """`revisit` for every accumulator of this class in a run, so that a family can share its re-runs across
+        entries; by default one after the other. ``progress`` advances by one per accumulator."""
+        for accumulator in accumulators:
+            accumulator.revisit(contexts)
+            progress(1)
+
     def unit_values(self) -> dict[str, torch.Tensor | Sequence[Any]]:
         """Per-unit columns ``[width]`` for the per-unit table (none by default): tensors, or sequences (numpy or
         pandas arrays, lists) for the columns that are strings, lists or nullable integers."""

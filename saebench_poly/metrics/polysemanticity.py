@@ -48,7 +48,7 @@ The default tau was chosen on known answers, by `scripts/calibrate_tau.py` (see 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec, ScoredContexts
 from saebench_poly.metrics.behaviours import Behaviours, unit_behaviours
 from saebench_poly.metrics.examples import Examples, ExampleSelector
-from saebench_poly.models.base import UnitInputs
+from saebench_poly.models.base import Batch, ModelAdapter, UnitInputs
 
 # Chosen by scripts/calibrate_tau.py (the rule is in its docstring): on the neurons of the toy-superposition model
 # and of the same configuration with seeds 1-4 (40 neurons), K(tau) equals the true number of features for 42.5% of
@@ -70,9 +70,9 @@ from saebench_poly.models.base import UnitInputs
 DEFAULT_TAU = 0.975
 TAU_SWEEP = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
 # Memory bounds of the embedding stage; the results do not depend on them. The h rows of the chosen examples are
-# cached for as many units at a time as fit CACHE_BYTES (counted at 4 bytes a value), the model being re-run on
-# their contexts once per such group; the [units, S, d] embeddings and [units, S, S] graphs go in chunks of
-# CHUNK_BYTES.
+# cached for as many units at a time as fit CACHE_BYTES (counted at 4 bytes a value, shared among the entries), the
+# model being re-run once per round of such groups; the [units, n, d] embeddings and [units, n, n] graphs go in
+# chunks of CHUNK_BYTES.
 CACHE_BYTES = 2**32
 CHUNK_BYTES = 2**27
 
@@ -150,10 +150,32 @@ class Polysemanticity(Accumulator):
 
     def revisit(self, contexts: ScoredContexts) -> None:
         """Select the examples, re-run their contexts for the embeddings, and find the behaviours."""
-        if self.selector is None:
-            return
-        self.examples = self.selector.result(self.inputs.weight.device)
-        self.behaviours = embedded_behaviours(self.examples, self.inputs, contexts, self.taus, self.adapter.device)
+        self.revisit_all([self], contexts, lambda _n: None)
+
+    @classmethod
+    def revisit_all(cls, accumulators: Sequence[Polysemanticity], contexts: ScoredContexts,
+                    progress: Callable[[int], None]) -> None:
+        """Every entry's examples, embeddings and behaviours, with one re-run of the model for all entries: the h
+        rows of the examples are cached for a group of units of each entry at a time (`CACHE_BYTES` in all), each
+        round of groups re-runs the union of their contexts once, and entries at one hook share each forward
+        (`ModelAdapter.sharing_activations`). The results do not depend on how the units are grouped."""
+        active = [accumulator for accumulator in accumulators if accumulator.selector is not None]
+        progress(len(accumulators) - len(active))
+        plans = []
+        for accumulator in active:
+            accumulator.examples = accumulator.selector.result(accumulator.inputs.weight.device)
+            accumulator.behaviours = _no_behaviours(accumulator.examples, len(accumulator.taus))
+            d_h = accumulator.inputs.weight.shape[1]
+            rows = max(accumulator.options.max_examples, CACHE_BYTES // (4 * d_h * len(active)))
+            plans.append(_unit_groups(accumulator.examples.count, rows))
+        for round_ in range(max((len(plan) for plan in plans), default=0)):
+            members = [(accumulator, plan[round_]) for accumulator, plan in zip(active, plans, strict=True)
+                       if round_ < len(plan)]
+            rows = [_ExampleRows(accumulator.examples, start, end) for accumulator, (start, end) in members]
+            _fill(rows, [accumulator.inputs for accumulator, _ in members], contexts, members[0][0].adapter)
+            for (accumulator, (start, _)), cached in zip(members, rows, strict=True):
+                _group_behaviours(accumulator.behaviours, start, cached, accumulator.inputs, accumulator.taus)
+        progress(len(active))
 
     def _results(self) -> tuple[Examples, Behaviours]:
         if self.behaviours is None:
@@ -220,41 +242,90 @@ def _rows(values: list[Any], present: np.ndarray) -> list[Any]:
     return [value if keep else None for value, keep in zip(values, present, strict=True)]
 
 
-def embedded_behaviours(examples: Examples, inputs: UnitInputs, contexts: ScoredContexts, taus: Sequence[float],
-                        model_device: torch.device) -> Behaviours:
-    """The behaviours of every unit from its examples: the units go in groups whose examples' h rows fit
-    `CACHE_BYTES`, each group re-running the model once on its examples' contexts. Within a group, the units with
-    examples go by increasing count in chunks whose embeddings and graphs, cut to the chunk's largest count (the
-    examples are packed to the left), fit `CHUNK_BYTES`: a wide SAE whose latents have few examples each costs
-    little."""
+def _no_behaviours(examples: Examples, n_taus: int) -> Behaviours:
+    """Results for units without examples, which the groups fill in for the others."""
     width, sample = examples.context.shape
-    device = inputs.weight.device
-    d_h = inputs.weight.shape[1]
-    out = Behaviours(
-        n_behaviours=torch.zeros((width, len(taus)), dtype=torch.int64, device=device),
+    device = examples.context.device
+    return Behaviours(
+        n_behaviours=torch.zeros((width, n_taus), dtype=torch.int64, device=device),
         effective=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
         largest_share=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
         mean_cosine=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
         sizes=torch.zeros((width, sample), dtype=torch.int64, device=device),
         central=torch.full((width, sample), -1, dtype=torch.int64, device=device),
     )
-    rows_per_group = max(sample, CACHE_BYTES // (4 * d_h))
-    reached = torch.cumsum(examples.count, 0)
-    start = 0
+
+
+def _unit_groups(count: torch.Tensor, rows_per_group: int) -> list[tuple[int, int]]:
+    """Consecutive units [start, end) with examples, whose examples number at most ``rows_per_group`` (or one unit)."""
+    reached = torch.cumsum(count, 0)
+    groups, start, width = [], 0, count.shape[0]
     while start < width:
         before = int(reached[start - 1]) if start else 0
         end = max(start + 1, int(torch.searchsorted(reached, before + rows_per_group, right=True)))
-        valid = examples.context[start:end] >= 0
-        if valid.any():
-            cache, index = _example_inputs(examples.context[start:end], examples.position[start:end], valid,
-                                           inputs, contexts, model_device)
-            for rows in _chunks_by_count(examples.count[start:end], d_h):
-                n = int(examples.count[start + rows[-1]])
-                weight = inputs.weight[start + rows].to(torch.float64)
-                embeddings = cache[index[rows, :n]].to(torch.float64) * weight[:, None, :]
-                _write(out, start + rows, unit_behaviours(embeddings, valid[rows, :n], taus))
+        if int(reached[end - 1]) > before:
+            groups.append((start, end))
         start = end
-    return out
+    return groups
+
+
+class _ExampleRows:
+    """The h rows at every distinct (context, position) of the examples of units [start, end), filled batch by batch
+    from a re-run of their contexts; ``index`` ``[units, S]`` gives each example's row."""
+
+    def __init__(self, examples: Examples, start: int, end: int) -> None:
+        context, position = examples.context[start:end], examples.position[start:end]
+        self.valid = context >= 0
+        self.span = int(position[self.valid].max()) + 1
+        self.pairs, inverse = torch.unique(context[self.valid] * self.span + position[self.valid], return_inverse=True)
+        self.index = torch.zeros_like(context)
+        self.index[self.valid] = inverse
+        self.contexts = torch.unique(self.pairs // self.span)
+        self.cache: torch.Tensor | None = None
+        self.filled = 0
+
+    def fill(self, indices: torch.Tensor, batch: Batch, inputs: UnitInputs) -> None:
+        """Store the rows of the contexts ``indices`` (increasing, a run of the union of every group's contexts),
+        whose ``batch`` ``inputs.capture`` turns into h ``[len(indices), positions, d_h]`` when a row is wanted."""
+        indices = indices.to(self.pairs.device)
+        lo = int(torch.searchsorted(self.pairs, indices[0] * self.span))
+        hi = int(torch.searchsorted(self.pairs, (indices[-1] + 1) * self.span))
+        if hi == lo:
+            return
+        here = self.pairs[lo:hi]
+        h = inputs.capture(batch)
+        rows = torch.searchsorted(indices, here // self.span).to(h.device)
+        if self.cache is None:
+            self.cache = torch.empty((self.pairs.numel(), h.shape[-1]), dtype=h.dtype, device=inputs.weight.device)
+        self.cache[lo:hi] = h[rows, (here % self.span).to(h.device)].to(self.cache.device)
+        self.filled += hi - lo
+
+    def rows(self) -> torch.Tensor:
+        if self.cache is None or self.filled != self.pairs.numel():
+            raise RuntimeError(f"the scored contexts gave {self.filled} of the {self.pairs.numel()} examples' inputs")
+        return self.cache
+
+
+def _fill(groups: list[_ExampleRows], inputs: list[UnitInputs], contexts: ScoredContexts, adapter: ModelAdapter) -> None:
+    """One run of the model over the union of the groups' contexts, each batch's forwards shared by the groups."""
+    union = torch.unique(torch.cat([group.contexts.cpu() for group in groups]))
+    for indices, batch in contexts(union):
+        batch = batch.to(adapter.device)
+        with adapter.sharing_activations():
+            for group, unit_inputs in zip(groups, inputs, strict=True):
+                group.fill(indices, batch, unit_inputs)
+
+
+def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: UnitInputs, taus: Sequence[float]) -> None:
+    """The behaviours of a group's units, in chunks by increasing example count (`_chunks_by_count`), each cut to
+    its largest count (the examples are packed to the left), so that latents with few examples cost little."""
+    cache = group.rows()
+    count = group.valid.sum(dim=1)
+    for rows in _chunks_by_count(count, inputs.weight.shape[1]):
+        n = int(count[rows[-1]])
+        weight = inputs.weight[start + rows].to(torch.float64)
+        embeddings = cache[group.index[rows, :n]].to(torch.float64) * weight[:, None, :]
+        _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], taus))
 
 
 def _chunks_by_count(count: torch.Tensor, d_h: int) -> list[torch.Tensor]:
@@ -284,29 +355,3 @@ def _write(out: Behaviours, units: torch.Tensor, chunk: Behaviours) -> None:
     n = chunk.sizes.shape[1]
     out.sizes[units, :n] = chunk.sizes
     out.central[units, :n] = chunk.central
-
-
-def _example_inputs(context: torch.Tensor, position: torch.Tensor, valid: torch.Tensor, inputs: UnitInputs,
-                    contexts: ScoredContexts, model_device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """h at every distinct (context, position) of the examples, ``[P, d_h]``, from one run of the model over their
-    contexts, and each example's row in it, ``[units, S]``."""
-    span = int(position[valid].max()) + 1
-    pairs, inverse = torch.unique(context[valid] * span + position[valid], return_inverse=True)
-    index = torch.zeros_like(context)
-    index[valid] = inverse
-    cache: torch.Tensor | None = None
-    filled = 0
-    for indices, batch in contexts(torch.unique(pairs // span)):
-        h = inputs.capture(batch.to(model_device))
-        indices = indices.to(pairs.device)
-        lo = int(torch.searchsorted(pairs, indices[0] * span))
-        hi = int(torch.searchsorted(pairs, (indices[-1] + 1) * span))
-        here = pairs[lo:hi]
-        rows = torch.searchsorted(indices, here // span).to(h.device)
-        if cache is None:
-            cache = torch.empty((pairs.numel(), h.shape[-1]), dtype=h.dtype, device=inputs.weight.device)
-        cache[lo:hi] = h[rows, (here % span).to(h.device)].to(cache.device)
-        filled += hi - lo
-    if cache is None or filled != pairs.numel():
-        raise RuntimeError(f"the scored contexts gave {filled} of the {pairs.numel()} examples' inputs")
-    return cache, index

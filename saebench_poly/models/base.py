@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,30 @@ class ModelAdapter(ABC):
     bos_token_id: int | None = None
     family: str = "unknown"
     supports_downstream: bool = False
+    _shared_activations: dict[str, torch.Tensor] | None = None
 
     @abstractmethod
     def hook_names(self) -> list[str]:
         """Every hook this model can report."""
+
+    def hook_activations(self, batch: Batch, hook: str) -> torch.Tensor:
+        """``forward(batch, [hook], logits=False).activations[hook]``, run once per hook inside `sharing_activations`."""
+        shared = self._shared_activations
+        if shared is not None and hook in shared:
+            return shared[hook]
+        activations = self.forward(batch, [hook], logits=False).activations[hook]
+        if shared is not None:
+            shared[hook] = activations
+        return activations
+
+    @contextmanager
+    def sharing_activations(self) -> Iterator[None]:
+        """A block about one batch, in which every caller of `hook_activations` gets the same forward's result."""
+        self._shared_activations = {}
+        try:
+            yield
+        finally:
+            self._shared_activations = None
 
     @abstractmethod
     def hook_width(self, hook: str) -> int:

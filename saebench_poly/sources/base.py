@@ -91,7 +91,7 @@ class Entry(ABC):
         return None
 
     def _hook_activations(self, adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
-        return adapter.forward(batch, [self.hook], logits=False).activations[self.hook]
+        return adapter.hook_activations(batch, self.hook)
 
     def describe(self) -> dict[str, Any]:
         return {"entry": self.name, "source_uri": self.uri, "entry_kind": self.kind, "hook": self.hook,
