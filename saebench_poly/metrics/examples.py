@@ -12,7 +12,8 @@ The keys are independent uniform draws, so this is a seeded uniform sample witho
 and it is a function of the data and the seed alone: not of the batch size, nor of the order of the batches.
 
 Streaming. Each batch raises the running maxima, then offers its pairs (u, c) with m_u(c) >= f M_u(so far) to a
-per-unit candidate store, which drops a candidate c as soon as it can no longer be sampled:
+per-unit candidate store which, whenever it has doubled in size since it was last pruned, drops every candidate c
+that can no longer be sampled:
 
 1. m_u(c) < f M_u(so far): M_u only grows, so c never qualifies;
 2. at least S other contexts d have k_u(d) < k_u(c) and m_u(d) >= m_u(c): if c qualified, so would every such d,
@@ -83,6 +84,9 @@ class ExampleSelector:
     def __init__(self, width: int, fraction: float, max_examples: int, seed: int) -> None:
         self.width, self.fraction, self.max_examples, self.seed = width, fraction, max_examples, seed
         self.maximum: torch.Tensor | None = None
+        # The store is pruned when it has grown to twice its size after the last pruning: dropping a candidate later
+        # changes nothing (the rules only drop candidates that can never be sampled), and sorting less often is cheaper.
+        self._pruned_capacity = max_examples
         # The candidate store: [width, capacity], padded with key PAD_KEY, context -1, activation -inf.
         self.key = self.context = self.position = self.activation = None
 
@@ -100,7 +104,9 @@ class ExampleSelector:
         self.maximum = torch.maximum(self.maximum, z.amax(dim=0).to(torch.float64))
         threshold = self._threshold()
         self._insert(*self._offers(z, context.to(z.device), position.to(z.device), threshold))
-        self._prune(threshold)
+        if self.key.shape[1] > 2 * self._pruned_capacity:
+            self._prune(threshold)
+            self._pruned_capacity = max(self.max_examples, self.key.shape[1])
 
     def _allocate(self, device: torch.device) -> None:
         self.maximum = torch.full((self.width,), -torch.inf, dtype=torch.float64, device=device)
