@@ -359,6 +359,37 @@ def test_connected_components_of_a_path_a_star_and_isolated_nodes() -> None:
 # --- runs ---------------------------------------------------------------------------------------------------------
 
 
+def test_the_re_run_gives_each_batch_one_forward_for_every_hook_and_entry(tl_spec, tmp_path: Path, monkeypatch) -> None:
+    """An SAE at the residual stream, its PCA and random baselines, and the MLP neurons (read at
+    ln2 of its block): every batch of the re-run after the pass is one forward of the transformer-lens model."""
+    from transformer_lens import HookedTransformer
+
+    import saebench_poly.metrics.polysemanticity as polysemanticity
+
+    write_sae(tmp_path / "resid-sae", "standard", D_MODEL, 24, RESID)
+    counts = {"batches": 0, "forwards": 0}
+    fill, forward = polysemanticity._fill, HookedTransformer.run_with_cache
+
+    def counted_fill(groups, inputs, contexts, adapter):
+        def counted_contexts(indices):
+            for item in contexts(indices):
+                counts["batches"] += 1
+                yield item
+        counts["filling"] = True
+        fill(groups, inputs, counted_contexts, adapter)
+        counts["filling"] = False
+
+    def counted_forward(self, *args, **kwargs):
+        counts["forwards"] += bool(counts.get("filling"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(polysemanticity, "_fill", counted_fill)
+    monkeypatch.setattr(HookedTransformer, "run_with_cache", counted_forward)
+    result = run_benchmark(load_spec(tl_spec(entries=["disk:resid-sae"], tokens=300)), write=False)
+    assert {"resid-sae", f"pca:{RESID}", f"random:{RESID}", "neurons:blocks.0.mlp.hook_post"} <= set(result.units["entry"])
+    assert counts["batches"] > 0 and counts["forwards"] == counts["batches"]
+
+
 def test_run_reports_every_unit_and_says_plainly_which_have_no_embedding(tl_spec, tmp_path: Path) -> None:
     write_sae(tmp_path / "resid-sae", "standard", D_MODEL, 24, RESID)
     loaded = load_spec(tl_spec(entries=["disk:resid-sae"], tokens=300))

@@ -307,11 +307,13 @@ class _ExampleRows:
 
 
 def _fill(groups: list[_ExampleRows], inputs: list[UnitInputs], contexts: ScoredContexts, adapter: ModelAdapter) -> None:
-    """One run of the model over the union of the groups' contexts, each batch's forwards shared by the groups."""
+    """One run of the model over the union of the groups' contexts: each batch gets one forward for every hook that
+    the groups' inputs read (`UnitInputs.hook`), shared by the groups."""
     union = torch.unique(torch.cat([group.contexts.cpu() for group in groups]))
+    hooks = sorted({unit_inputs.hook for unit_inputs in inputs if unit_inputs.hook is not None})
     for indices, batch in contexts(union):
         batch = batch.to(adapter.device)
-        with adapter.sharing_activations():
+        with adapter.sharing_activations(batch, hooks):
             for group, unit_inputs in zip(groups, inputs, strict=True):
                 group.fill(indices, batch, unit_inputs)
 

@@ -57,12 +57,15 @@ class UnitInputs:
 
     ``capture`` runs the model on a batch and returns h ``[batch, positions, d_h]``, the exact tensor that the units'
     input weights multiply; ``weight`` is ``[width, d_h]`` and ``bias`` ``[width]``. ``source`` names h in words (for
-    example ``blocks.0.ln2.hook_normalized``), for the docs and error messages."""
+    example ``blocks.0.ln2.hook_normalized``), for the docs and error messages. ``hook``: the hook whose
+    activations ``capture`` reads through `ModelAdapter.hook_activations` (so that one forward can serve several
+    units' inputs), or None when it runs the model its own way or not at all."""
 
     source: str
     weight: torch.Tensor
     bias: torch.Tensor
     capture: Callable[[Batch], torch.Tensor]
+    hook: str | None = None
 
 
 class ModelAdapter(ABC):
@@ -91,9 +94,10 @@ class ModelAdapter(ABC):
         return activations
 
     @contextmanager
-    def sharing_activations(self) -> Iterator[None]:
-        """A block about one batch, in which every caller of `hook_activations` gets the same forward's result."""
-        self._shared_activations = {}
+    def sharing_activations(self, batch: Batch, hooks: Sequence[str] = ()) -> Iterator[None]:
+        """A block about one batch, in which every caller of `hook_activations` gets the same forward's result; the
+        activations at ``hooks`` come from one forward at the start."""
+        self._shared_activations = dict(self.forward(batch, list(hooks), logits=False).activations) if hooks else {}
         try:
             yield
         finally:

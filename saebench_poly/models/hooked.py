@@ -182,11 +182,9 @@ class HookedTransformerAdapter(ModelAdapter):
             source = f"blocks.{layer}.hook_resid_{'pre' if cfg.parallel_attn_mlp else 'mid'}"
 
         def capture(batch: Batch) -> torch.Tensor:
-            with torch.no_grad():
-                _, cache = self.model.run_with_cache(batch.inputs.to(self.device), names_filter=[source], stop_at_layer=layer + 1)
-            return cache[source]
+            return self.hook_activations(batch.to(self.device), source)
 
-        return UnitInputs(source=source, weight=matrix.T.contiguous(), bias=bias, capture=capture)
+        return UnitInputs(source=source, weight=matrix.T.contiguous(), bias=bias, capture=capture, hook=source)
 
     def forward(self, batch: Batch, hooks: Sequence[str], logits: bool = True) -> ForwardOutput:
         resume_hooks = {self._resume_hook(h) for h in hooks} - {None}

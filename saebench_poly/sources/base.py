@@ -144,7 +144,8 @@ class SAEEntry(Entry):
             with torch.no_grad():
                 return sae.process_sae_in(self._hook_activations(adapter, batch))
 
-        return UnitInputs(source=f"sae.process_sae_in({self.hook})", weight=weight, bias=bias, capture=capture)
+        return UnitInputs(source=f"sae.process_sae_in({self.hook})", weight=weight, bias=bias, capture=capture,
+                          hook=self.hook)
 
     def weights_sha256(self) -> str:
         if self._sha256 is None:
@@ -218,7 +219,7 @@ class BasisEntry(Entry):
             return x if center is None else x - center
 
         return UnitInputs(source=self.hook if center is None else f"{self.hook} - centre", weight=self.basis,
-                          bias=torch.zeros_like(self.basis[:, 0]), capture=capture)
+                          bias=torch.zeros_like(self.basis[:, 0]), capture=capture, hook=self.hook)
 
     def weights_sha256(self) -> str:
         tensors = {"basis": self.basis}
