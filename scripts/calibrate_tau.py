@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from saebench_poly.inputs import SYNTHETIC_SEED_OFFSETS
+from saebench_poly.inputs import Inputs
 from saebench_poly.metrics.polysemanticity import DEFAULT_TAU, PolysemanticityOptions
 from saebench_poly.models.toy import ToyModelAdapter, load_toy_model_folder
 from saebench_poly.run import run_benchmark
@@ -59,9 +59,7 @@ def neuron_behaviours(seed: int, fraction: float, scratch: Path) -> tuple[np.nda
     units = run_benchmark(LoadedSpec(spec=spec, path=scratch / "spec.toml"), write=False).units
     model = load_toy_model_folder(folder)
     carries = model.true_feature_directions().T > TRUTH_COMPONENT  # [n_hidden, n_features]
-    samples = ToyModelAdapter(model, "calibration").synthetic_batches(
-        spec.tokens, spec.batch_size, spec.seed + SYNTHETIC_SEED_OFFSETS["score"])
-    x = torch.cat([batch.inputs for batch in samples])
+    x = torch.cat([batch.inputs for batch in Inputs(spec, ToyModelAdapter(model, "calibration")).batches("score")])
     with torch.no_grad():
         z = model.hidden(x)
     maximum = z.amax(dim=0)
