@@ -171,10 +171,10 @@ class Polysemanticity(Accumulator):
         for round_ in range(max((len(plan) for plan in plans), default=0)):
             members = [(accumulator, plan[round_]) for accumulator, plan in zip(active, plans, strict=True)
                        if round_ < len(plan)]
-            rows = [_ExampleRows(accumulator.examples, start, end) for accumulator, (start, end) in members]
-            _fill(rows, [accumulator.inputs for accumulator, _ in members], contexts, members[0][0].adapter)
-            for (accumulator, (start, _)), cached in zip(members, rows, strict=True):
-                _group_behaviours(accumulator.behaviours, start, cached, accumulator.inputs, accumulator.taus)
+            groups = [_ExampleRows(accumulator.examples, start, end) for accumulator, (start, end) in members]
+            _fill(groups, [accumulator.inputs for accumulator, _ in members], contexts, members[0][0].adapter)
+            for (accumulator, (start, _)), group in zip(members, groups, strict=True):
+                _group_behaviours(accumulator.behaviours, start, group, accumulator.inputs, accumulator.taus)
         progress(len(active))
 
     def _results(self) -> tuple[Examples, Behaviours]:
