@@ -1,7 +1,9 @@
 """The ``saebench-poly`` command line.
 
 A user mistake (`UserError`) prints one line on stderr and exits with status 2, with no traceback; a bug keeps
-its traceback.
+its traceback. Everything printed goes through consoles with rich markup, highlighting and emoji codes off, and
+user text (names, paths) through `usertext.printable`, so a name such as ``[/]x`` or one holding ESC prints as
+itself and cannot act on the terminal.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from saebench_poly.errors import UserError
+from saebench_poly.usertext import printable
 
 DEFAULT_SPEC = "toy-superposition"
 REPOSITORY_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -31,9 +35,9 @@ EXIT_USER_ERROR = 2
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Are SAE latents more monosemantic than the model's own neurons, and at what rate and distortion?")
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, markup=False, highlight=False, emoji=False)
 # Wide enough for the summary table when stdout is a file or a CI log, which rich would otherwise cut at 80.
-out_console = Console(width=None if sys.stdout.isatty() else 160)
+out_console = Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False, emoji=False)
 
 
 def resolve_spec_path(spec: str) -> Path:
@@ -56,13 +60,13 @@ class RichReporter:
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
-            task_id = progress.add_task(description, total=total)
+            task_id = progress.add_task(printable(description), total=total)
             yield lambda n: progress.advance(task_id, n)
 
     def message(self, text: str) -> None:
-        self.console.print(f"[dim]{text}[/dim]")
+        self.console.print(Text(printable(text), style="dim"))
 
 
 @app.command()
@@ -84,14 +88,14 @@ def run(
     loaded = with_overrides(loaded, {k: v for k, v in overrides.items() if v is not None})
     result = run_benchmark(loaded, RichReporter(err_console))
     out_console.print(summary_table(result.rows, f"{loaded.spec.name}: {result.tokens_scored:,} tokens scored"))
-    out_console.print(f"wrote {result.output} and {result.output.name.removesuffix('.parquet')}.units.parquet")
+    out_console.print(printable(f"wrote {result.output} and {result.output.name.removesuffix('.parquet')}.units.parquet"))
 
 
 def summary_table(rows: Any, title: str) -> Table:
     """Entries as rows, the main metrics as columns, in the order they were scored."""
     wide = rows.pivot_table(index="entry", columns="metric", values="value", sort=False)
     metrics = [m for m in SUMMARY_METRICS if m in wide.columns]
-    table = Table(title=title, caption=", ".join(f"{SUMMARY_METRICS[m]} = {m}" for m in metrics))
+    table = Table(title=printable(title), caption=", ".join(f"{SUMMARY_METRICS[m]} = {m}" for m in metrics))
     table.add_column("entry", no_wrap=True)
     table.add_column("kind", no_wrap=True)
     table.add_column("width", justify="right")
@@ -100,7 +104,7 @@ def summary_table(rows: Any, title: str) -> Table:
     kinds = rows.drop_duplicates("entry").set_index("entry")
     for entry, values in wide.iterrows():
         cells = [f"{values[m]:.4g}" for m in metrics]
-        table.add_row(str(entry), str(kinds.at[entry, "entry_kind"]), str(kinds.at[entry, "width"]), *cells)
+        table.add_row(printable(entry), printable(kinds.at[entry, "entry_kind"]), str(kinds.at[entry, "width"]), *cells)
     return table
 
 
@@ -116,13 +120,14 @@ def list_registered() -> None:
         table.add_column("name")
         table.add_column("implemented by")
         for name in registry.names():
-            table.add_row(name, registry.origin(name))
+            table.add_row(printable(name), printable(registry.origin(name)))
         out_console.print(table)
     table = Table(title="metrics")
     for column in ("name", "version", "direction", "family", "definition"):
         table.add_column(column)
     for name, (metric, _) in all_metrics().items():
-        table.add_row(name, str(metric.version), metric.direction, metric.family, metric.definition)
+        table.add_row(printable(name), str(metric.version), printable(metric.direction), printable(metric.family),
+                      printable(metric.definition))
     out_console.print(table)
 
 
@@ -139,7 +144,7 @@ def hooks(spec: Annotated[str, typer.Argument(help="Spec file or name.")] = DEFA
     model = loaded.spec.model
     adapter = MODEL_LOADERS.get(model.loader)(model, resolve_device(loaded.spec.device), getattr(torch, loaded.spec.dtype))
     for name in adapter.hook_names():
-        typer.echo(f"{name}\t{adapter.hook_width(name)}")
+        typer.echo(f"{printable(name)}\t{adapter.hook_width(name)}")
 
 
 @app.command()
@@ -153,9 +158,9 @@ def submit(
 
     done = submit_results(results, leaderboard, replace=replace)
     replaced = f" (replacing {', '.join(done.replaced)})" if done.replaced else ""
-    out_console.print(f"added {', '.join(done.added)} to {done.leaderboard}{replaced}")
+    out_console.print(printable(f"added {', '.join(done.added)} to {done.leaderboard}{replaced}"))
     if done.skipped:
-        out_console.print(f"left out {', '.join(done.skipped)}: the leaderboard has its own")
+        out_console.print(printable(f"left out {', '.join(done.skipped)}: the leaderboard has its own"))
     from saebench_poly.frontier import FRONTIERS
 
     shown = list(dict.fromkeys([*SUMMARY_METRICS, *(m for axes in FRONTIERS.values() for m in axes)]))
@@ -166,13 +171,13 @@ def submit(
 def standing_table(name: str, frame: Any) -> Table:
     """An entry's value and rank on each metric, beside its raw-neuron baseline's value."""
     neurons = frame.attrs.get("neurons")
-    table = Table(title=f"{name}: rank among the entries of its spec", caption="rank 1 is best; - = no better direction")
+    table = Table(title=printable(f"{name}: rank among the entries of its spec"), caption="rank 1 is best; - = no better direction")
     for column, justify in (("metric", "left"), ("better", "left"), ("value", "right"), ("rank", "right"),
-                            (neurons or "raw neurons", "right")):
+                            (printable(neurons or "raw neurons"), "right")):
         table.add_column(column, justify=justify, no_wrap=True)
     for row in frame.itertuples():
         rank = "-" if row.rank is None or row.rank != row.rank else f"{row.rank:.0f} of {row.of}"
-        table.add_row(row.metric, row.direction, f"{row.value:.4g}", rank, f"{row.neurons:.4g}")
+        table.add_row(printable(row.metric), printable(row.direction), f"{row.value:.4g}", rank, f"{row.neurons:.4g}")
     return table
 
 
@@ -214,12 +219,12 @@ def show(
         names = described["entry"]
         frontiers = [f for f in FRONTIERS if f in described.columns and described[f].notna().any()]
         title = f"{', '.join(sorted(set(group['spec_name'])))} (spec {spec_hash[:12]}) on {', '.join(sorted(set(group['model_id'])))}"
-        table = Table(title=title, caption=", ".join(f"{SUMMARY_METRICS.get(m, m)} = {m}" for m in shown if m in SUMMARY_METRICS))
+        table = Table(title=printable(title), caption=", ".join(f"{SUMMARY_METRICS.get(m, m)} = {m}" for m in shown if m in SUMMARY_METRICS))
         for column in ("rank", "entry", "kind", "hook", "width"):
             table.add_column(column, justify="right" if column in ("rank", "width") else "left", no_wrap=True)
         extra = [MEAN_RANK] if MEAN_RANK in table_rows.columns else []
         for column in [*shown, *extra]:
-            table.add_column(SUMMARY_METRICS.get(column, column), justify="right", no_wrap=True)
+            table.add_column(printable(SUMMARY_METRICS.get(column, column)), justify="right", no_wrap=True)
         for column in frontiers:
             table.add_column(column.removeprefix("pareto_").replace("_", "-"), justify="center")
         for key, values in table_rows.iterrows():
@@ -227,8 +232,8 @@ def show(
             label = info["entry"] if (names == info["entry"]).sum() == 1 else f"{info['entry']} ({info['spec_name']})"
             cells = ["-" if values[m] != values[m] else f"{values[m]:.4g}" for m in [*shown, *extra]]
             flags = ["-" if pd.isna(info[f]) else ("yes" if info[f] else "") for f in frontiers]
-            table.add_row(f"{values['rank']:.0f}" if values["rank"] == values["rank"] else "-", label, str(info["entry_kind"]),
-                          str(info["hook"]), str(info["width"]), *cells, *flags)
+            table.add_row(f"{values['rank']:.0f}" if values["rank"] == values["rank"] else "-", printable(label),
+                          printable(info["entry_kind"]), printable(info["hook"]), str(info["width"]), *cells, *flags)
         out_console.print(table)
 
 
@@ -254,16 +259,16 @@ def check(
                               report_dir=report_dir, tolerances=parse_tolerances(tolerance or []), reporter=RichReporter(err_console))
     moved = [(cells, fails) for cells, fails, status in report.rows() if status != "ok"]
     if moved:
-        table = Table(title=f"{report.candidate} vs {report.baseline}: metrics that moved beyond their tolerance",
+        table = Table(title=printable(f"{report.candidate} vs {report.baseline}: metrics that moved beyond their tolerance"),
                       caption=f"{len(report.checks) - len(moved)} other metrics within tolerance (all in the report)")
         for column in ("entry", "metric", "better", "baseline", "candidate", "change", "allowed", "status"):
             table.add_column(column, justify="right" if column in ("baseline", "candidate", "change", "allowed") else "left", no_wrap=True)
         for cells, fails in moved:
-            table.add_row(*cells, style="red" if fails else "yellow")
+            table.add_row(*map(printable, cells), style="red" if fails else "yellow")
         out_console.print(table)
     for line in [*report.not_comparable, *report.notes]:
-        out_console.print(line, markup=False, highlight=False)
-    out_console.print(f"check: {report.summary()}; reports in {report_dir}", markup=False, highlight=False)
+        out_console.print(printable(line))
+    out_console.print(printable(f"check: {report.summary()}; reports in {report_dir}"))
     raise typer.Exit(report.exit_code)
 
 
@@ -273,7 +278,7 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        err_console.print(f"saebench-poly: error: {err}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"saebench-poly: error: {printable(err)}", soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
 
 

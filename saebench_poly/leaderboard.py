@@ -11,9 +11,12 @@ metadata also carries each entry's digest and each spec's settings (`saebench_po
 
 from __future__ import annotations
 
+import glob
 import os
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,19 +179,52 @@ def to_arrow(frame: pd.DataFrame, schema: pa.Schema, provenance: FileProvenance 
     return table.replace_schema_metadata(metadata)
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to a temporary file beside ``path``, fsync it, and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def new_file_mode(path: Path) -> int:
+    """The permissions a rewrite of ``path`` gets: those of the file it replaces, else what ``open`` would give
+    a new file (0666 less the umask: 0644 under the usual umask 022)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def stage(path: Path, write: Callable[[str], None]) -> str:
+    """Call ``write`` on a new temporary file beside ``path`` (``.<name>.<random>.tmp``), fsync it and give it
+    `new_file_mode`; returns its name, for the caller to rename over ``path``. Nothing is left behind when
+    writing fails, and a failure of the file system (read-only folder, full disk) is a `UserError`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or first_line(err)}") from None
     os.close(handle)
     try:
-        pq.write_table(table, temporary)
+        write(temporary)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        os.chmod(temporary, new_file_mode(path))
+    except OSError as err:
+        os.unlink(temporary)
+        raise UserError(f"cannot write {path}: {err.strerror or first_line(err)}; it was left as it was") from None
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return temporary
+
+
+def write_atomic(table: pa.Table | bytes, path: Path) -> None:
+    """Write ``table`` (or bytes) to a temporary file beside ``path`` and rename it over ``path`` (`stage`)."""
+    if isinstance(table, bytes):
+        temporary = stage(path, lambda name: Path(name).write_bytes(table))
+    else:
+        temporary = stage(path, lambda name: pq.write_table(table, name))
+    os.replace(temporary, path)
 
 
 @dataclass
@@ -215,7 +251,10 @@ def update(path: Path, change: Callable[[Contents], Contents]) -> Contents:
     leaderboard's rename is the commit point (units of entries the leaderboard does not hold, left by a write
     interrupted between the two renames, are dropped). An unreadable file raises and is left untouched."""
     units_file = units_path(path)
-    with FileLock(str(path) + ".lock"):
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a leaderboard file: name a .parquet file inside it")
+    with _locked(path):
+        _remove_stale_temporaries(path, units_file)
         rows = read_table(path) if path.exists() else LEADERBOARD_SCHEMA.empty_table().to_pandas()
         units = read_table(units_file, UNITS_SCHEMA) if units_file.exists() else UNITS_SCHEMA.empty_table().to_pandas()
         old = Contents(rows, _held(units, rows), read_provenance(path) if path.exists() else FileProvenance())
@@ -225,9 +264,46 @@ def update(path: Path, change: Callable[[Contents], Contents]) -> Contents:
         written = Contents(new.rows, _held(new.units, new.rows), new.provenance.restricted_to(keys, new.rows["spec_hash"]))
         tables = {units_file: to_arrow(written.units, UNITS_SCHEMA),
                   path: to_arrow(written.rows, LEADERBOARD_SCHEMA, written.provenance)}
-        for target, table in tables.items():
-            write_atomic(table, target)
+        # Both files are staged before either is renamed, so a full disk or a read-only folder leaves neither
+        # a new per-unit table beside an old leaderboard nor an orphan per-unit table beside none.
+        staged: dict[Path, str] = {}
+        try:
+            for target, table in tables.items():
+                staged[target] = stage(target, lambda name, table=table: pq.write_table(table, name))
+        except BaseException:
+            for temporary in staged.values():
+                os.unlink(temporary)
+            raise
+        for target, temporary in staged.items():
+            os.replace(temporary, target)
         return written
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the file lock ``<path>.lock``. The lock file stays after the write: removing it would let a writer
+    still waiting on the removed file and a new writer locking a new file both hold "the" lock at once."""
+    lock_path = Path(str(path) + ".lock")
+    if lock_path.is_dir():
+        raise UserError(f"the lock file {lock_path} is a folder: remove it (saebench-poly creates it as an empty file)")
+    try:
+        lock = FileLock(str(lock_path))
+        lock.acquire()
+    except OSError as err:
+        raise UserError(f"cannot lock {path} through {lock_path}: {err.strerror or first_line(err)}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_stale_temporaries(*paths: Path) -> None:
+    """Remove the temporary files (``.<name>.<random>.tmp``) that writes of ``paths`` killed mid-way left behind.
+    Called under the lock, which every writer of these files holds while its temporary exists."""
+    for path in paths:
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with suppress(FileNotFoundError):
+                stale.unlink()
 
 
 def _held(units: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:

@@ -46,6 +46,7 @@ from saebench_poly.integrity import FileProvenance
 from saebench_poly.leaderboard import Contents, entry_keys
 from saebench_poly.metrics import all_metrics
 from saebench_poly.results import Results, read_results, settings_differences, split_reference, validate
+from saebench_poly.usertext import markdown_code, markdown_text
 
 EXIT_PASS, EXIT_REGRESSED, EXIT_NOT_COMPARABLE = 0, 1, 3
 REPORT_NAME = "check-report"
@@ -197,16 +198,16 @@ class CheckReport:
     def to_markdown(self) -> str:
         mode = ("two-sided: a metric fails when it moves either way by more than its tolerance" if self.two_sided
                 else "one-sided: a metric fails when it gets worse by more than its tolerance")
-        lines = [f"# saebench-poly check: {self.verdict}", "", f"- candidate: `{self.candidate}`",
-                 f"- baseline: `{self.baseline}`", f"- mode: {mode}", f"- result: {self.summary()}", ""]
+        lines = [f"# saebench-poly check: {self.verdict}", "", f"- candidate: {markdown_code(self.candidate)}",
+                 f"- baseline: {markdown_code(self.baseline)}", f"- mode: {mode}", f"- result: {markdown_text(self.summary())}", ""]
         for title, items in (("Not comparable", self.not_comparable), ("Notes", self.notes)):
             if items:
-                lines += [f"## {title}", "", *[f"- {item}" for item in items], ""]
+                lines += [f"## {title}", "", *[f"- {markdown_text(item)}" for item in items], ""]
         if self.checks:
             lines += ["## Metrics", "", "| entry | metric | better | baseline | candidate | change | allowed | status |",
                       "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
             for cells, fails, status in self.rows():
-                cells[-1] = f"**{status}**" if fails else status
+                cells = [markdown_text(cell) for cell in cells[:-1]] + [f"**{status}**" if fails else status]
                 lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
@@ -363,8 +364,8 @@ def write_reports(report: CheckReport, candidate: Results, folder: Path) -> tupl
     except OSError as err:
         raise UserError(f"cannot create the report folder {folder}: {err.strerror}") from None
     markdown, data, results = folder / f"{REPORT_NAME}.md", folder / f"{REPORT_NAME}.json", folder / CANDIDATE_NAME
-    markdown.write_text(report.to_markdown())
-    data.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    leaderboard.write_atomic(report.to_markdown().encode(), markdown)
+    leaderboard.write_atomic((json.dumps(report.to_json(), indent=1) + "\n").encode(), data)
     leaderboard.update(results, lambda _old: Contents(candidate.rows, candidate.units, candidate.provenance))
     return markdown, data, results
 

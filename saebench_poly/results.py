@@ -5,7 +5,8 @@ per-unit table beside it) holding one run's entries, with their digests and thei
 (`saebench_poly.integrity`). One entry of a results file or of a leaderboard is named ``FILE::ENTRY``.
 
 Validation (`validate`) refuses, with one line naming each problem: a wrong schema version, missing or mistyped
-columns, empty required values (`leaderboard.read_table`); an entry with a metric twice or with more than one spec
+columns, empty required values (`leaderboard.read_table`); an entry or spec name outside the character set of
+`usertext.NAME_PATTERN` (so that no name reaches a terminal or a report as markup or control codes); an entry with a metric twice or with more than one spec
 hash or weights hash; a weights sha256 that is not 64 hex digits; a metric or metric version this package does
 not define, or whose direction differs from its definition; an infinite value, or one outside its metric's bounds
 (`MetricSpec.bounds`, with a ``ROUNDING_SLACK`` for float rounding); a spec hash that is not the hash of the
@@ -37,6 +38,7 @@ from saebench_poly.leaderboard import (
     units_path,
 )
 from saebench_poly.metrics import all_metrics
+from saebench_poly.usertext import NAME_CHARACTERS, is_valid_name, printable
 
 # Entries that measure the model and data rather than an SAE: the baselines every run adds.
 REFERENCE_KINDS = ("neurons", "pca", "random")
@@ -130,8 +132,12 @@ def _problems(results: Results, known_metrics_only: bool) -> list[str]:
     versions = sorted(set(rows["schema_version"]) - {SCHEMA_VERSION})
     if versions:
         problems.append(f"rows of schema version {versions}, this saebench-poly reads {SCHEMA_VERSION}")
+    for column, what in (("entry", "entry name"), ("spec_name", "spec name")):
+        bad = [name for name in dict.fromkeys(rows[column]) if not is_valid_name(name)]
+        if bad:
+            problems.append(f"the {what} {printable(repr(bad[0]))} uses characters outside {NAME_CHARACTERS}")
     for _, group in rows.groupby(entry_keys(rows), sort=False):
-        entry = f"entry {group['entry'].iloc[0]!r}"
+        entry = f"entry {printable(repr(group['entry'].iloc[0]))}"
         repeated = sorted(set(group["metric"][group["metric"].duplicated()]))
         if repeated:
             problems.append(f"{entry} has the metrics {repeated} more than once")

@@ -33,6 +33,7 @@ from saebench_poly.provenance import git_commit, package_versions
 from saebench_poly.sources import Entry, SourceContext, load_entry
 from saebench_poly.spec import LoadedSpec, TrainedSAESpec
 from saebench_poly.training import train_sae
+from saebench_poly.usertext import check_entry_name
 
 TRAINING_RECORD = "training.json"
 
@@ -145,6 +146,8 @@ def _load_entries(loaded: LoadedSpec, adapter: ModelAdapter, device: torch.devic
             if uri not in uris and (scheme == "neurons" or hook in spec.hooks):
                 entries.append(load_entry(uri, context()))
                 uris.add(uri)
+    for entry in entries:
+        check_entry_name(entry.name, entry.uri)
     names = [e.name for e in entries]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -175,6 +178,7 @@ def _ensure_trained(trained: TrainedSAESpec, loaded: LoadedSpec, adapter: ModelA
                         hook_name=hook, model_name=adapter.model_id)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{trained.name}.", dir=folder.parent))
+    staging.chmod(0o777 & ~leaderboard.current_umask())  # mkdtemp's 0700 would hide the SAE from other users
     sae.save_model(staging)
     (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
     if folder.exists():

@@ -18,6 +18,7 @@ from saebench_poly.errors import UserError
 from saebench_poly.integrity import settings_hash
 from saebench_poly.models.base import ModelConfig
 from saebench_poly.training import SAETrainingConfig
+from saebench_poly.usertext import NAME_CHARACTERS, is_valid_name, printable
 
 BASELINE_SCHEMES = ("neurons", "pca", "random")
 DATASET_KINDS = ("hub", "text", "jsonl", "parquet", "tokens", "synthetic")
@@ -40,12 +41,28 @@ class EntrySpec(BaseModel):
     name: str | None = None
     hook: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str | None) -> str | None:
+        if name is not None and not is_valid_name(name):
+            raise ValueError(f"entry name {printable(repr(name))} may use only {NAME_CHARACTERS}")
+        return name
+
 
 class TrainedSAESpec(SAETrainingConfig):
     """An SAE the spec trains (sae-lens training classes) on the activations at ``hook`` (default: the spec's
     first hook), stored under ``artifacts/saes/<name>`` and reused while its settings are unchanged."""
 
     hook: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        # the name is also a folder under artifacts/saes/, so it may not hold a path separator
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+            raise ValueError(f"trained SAE name {printable(repr(name))} may use only letters, digits, '.', '_' and '-' "
+                             "(at most 100, starting with a letter or digit)")
+        return name
 
     def training_config(self) -> SAETrainingConfig:
         return SAETrainingConfig(**self.model_dump(exclude={"hook"}, exclude_unset=True))
@@ -194,7 +211,7 @@ def _first_problem(err: ValidationError) -> str:
         return f"unknown key {where!r} (check its spelling; the README lists the keys a spec takes)"
     if problem["type"] == "missing":
         return f"missing key {where!r}"
-    return f"{where or 'spec'}: {problem['msg']}"
+    return f"{where or 'spec'}: {problem['msg'].removeprefix('Value error, ')}"
 
 
 def with_overrides(loaded: LoadedSpec, overrides: dict[str, Any]) -> LoadedSpec:

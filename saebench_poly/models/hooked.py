@@ -57,8 +57,14 @@ def _load_local(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config_path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if raw.get("trust_remote_code"):
+        raise UserError(f"{config_path} sets trust_remote_code: saebench-poly never runs code from a model folder; "
+                        "remove the key (the tokenizer is read from the folder's own tokenizer files)")
     known = HookedTransformerConfig.__dataclass_fields__
-    raw = {k: v for k, v in raw.items() if k in known and k not in ("n_params", "device")}
+    # tokenizer_name would make transformer-lens fetch a tokenizer by that name (and run its code when
+    # trust_remote_code is set): a local folder's tokenizer comes from its own files only, or there is none.
+    ignored = ("n_params", "device", "tokenizer_name", "trust_remote_code")
+    raw = {k: v for k, v in raw.items() if k in known and k not in ignored}
     raw["dtype"] = dtype
     raw["device"] = str(device)
     try:
@@ -81,7 +87,11 @@ def _local_tokenizer(folder: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"the tokenizer in {folder} cannot be loaded: {first_line(err)} "
+                        "(saebench-poly never runs a tokenizer's own code)") from None
 
 
 def _load_from_hub(name: str, revision: str | None, device: torch.device, dtype: torch.dtype) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -213,19 +214,20 @@ def test_a_crash_between_the_two_renames_leaves_the_leaderboard_as_before(board:
     """The per-unit table is renamed first and the leaderboard last: a crash in between leaves the leaderboard as
     it was, and the next write drops the orphaned per-unit rows instead of duplicating them."""
     before = board.read_bytes()
-    write = leaderboard.write_atomic
+    rename = os.replace
 
-    def crash_on_the_leaderboard(table, path: Path) -> None:
-        if path == board:
+    def crash_on_the_leaderboard(source, target) -> None:
+        if Path(target) == board:
             raise KeyboardInterrupt("killed between the renames")
-        write(table, path)
+        rename(source, target)
 
-    monkeypatch.setattr(leaderboard, "write_atomic", crash_on_the_leaderboard)
+    monkeypatch.setattr(os, "replace", crash_on_the_leaderboard)
     with pytest.raises(KeyboardInterrupt):
         submit(results, board)
     assert board.read_bytes() == before
     assert "sae-b" in set(read_table(leaderboard.units_path(board), leaderboard.UNITS_SCHEMA)["entry"])  # orphaned
-    monkeypatch.setattr(leaderboard, "write_atomic", write)
+    monkeypatch.setattr(os, "replace", rename)
     submit(results, board)
+    assert not list(board.parent.glob(".*.tmp"))  # the temporary the crash left was removed under the lock
     units = read_table(leaderboard.units_path(board), leaderboard.UNITS_SCHEMA)
     assert (units["entry"] == "sae-b").sum() == 16 and set(units["entry"]) == entries(board)
