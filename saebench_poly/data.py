@@ -13,6 +13,9 @@ The rule, the same for every source:
    without a separator.
 3. The stream is cut into consecutive windows of ``context_size - 1`` tokens with ``bos_token_id`` prepended when
    ``prepend_bos``, else of ``context_size`` tokens; the incomplete tail is dropped.
+4. A position is scored unless it holds the prepended BOS or one of the ignored token ids (`token_batches`), wherever
+   it stands: by default the model's special tokens (BOS, EOS, pad, SEP, CLS, ...; the spec's ``ignore_tokens``),
+   so the separators of rule 2 and any special token inside pre-tokenized rows are never scored.
 """
 
 from __future__ import annotations
@@ -270,16 +273,17 @@ class TokenDataset:
 
 
 def token_batches(
-    dataset: TokenDataset, n_contexts: int, batch_size: int, skip_contexts: int = 0
+    dataset: TokenDataset, n_contexts: int, batch_size: int, skip_contexts: int = 0, ignored_ids: Iterable[int] = ()
 ) -> Iterator[Batch]:
     """Contexts ``skip_contexts .. skip_contexts + n_contexts`` of ``dataset`` in batches of ``batch_size`` (the
     last one may be smaller). The concatenated batches do not depend on ``batch_size``. ``score_mask`` is False at
-    position 0 when the dataset prepends BOS, True elsewhere."""
+    position 0 when the dataset prepends BOS and wherever a token id is in ``ignored_ids``, True elsewhere."""
     if n_contexts < 1 or batch_size < 1 or skip_contexts < 0:
         raise UserError(
             f"need n_contexts >= 1, batch_size >= 1 and skip_contexts >= 0; got {n_contexts}, {batch_size}, "
             f"{skip_contexts}"
         )
+    ignored = torch.tensor(sorted(set(ignored_ids)), dtype=torch.int64)
     contexts = islice(dataset.contexts(), skip_contexts, None)
     taken = 0
     while taken < n_contexts:
@@ -292,7 +296,7 @@ def token_batches(
                 "ask for fewer tokens"
             )
         inputs = torch.stack(rows)
-        score_mask = torch.ones(inputs.shape, dtype=torch.bool)
+        score_mask = ~torch.isin(inputs, ignored)
         if dataset.prepend_bos:
             score_mask[:, 0] = False
         yield Batch(inputs=inputs, score_mask=score_mask)

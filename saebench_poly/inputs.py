@@ -3,6 +3,10 @@ every metric is computed on) and ``train`` (activations for the SAEs a spec trai
 
 Language models: the token stream's contexts are taken in order, ``fit`` first, then ``score``, then ``train``.
 Toy models: each part is sampled with its own seed (``seed + 1`` fit, ``seed`` score, ``seed + 2`` train).
+
+Tokens that are not text are never scored, in any part (`ignored_token_ids`): by default the model's special tokens
+(BOS, EOS, pad, SEP, CLS, mask, decoder start: `ModelAdapter.special_token_ids`) and the spec's ``bos_token_id``,
+wherever they stand in a context, as sae-lens's and SAEBench's evals exclude them (``ignore_tokens``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Inputs:
         self.synthetic = spec.dataset.kind == "synthetic"
         if self.synthetic:
             self.dataset = None
+            self.ignored_token_ids: list[int] = []
             return
         bos = spec.bos_token_id if spec.bos_token_id is not None else adapter.bos_token_id
         self.dataset = TokenDataset(
@@ -40,6 +45,7 @@ class Inputs:
         self.scored_per_context = spec.context_size - (1 if spec.prepend_bos else 0)
         if self.scored_per_context <= 0:
             raise UserError("context_size must be at least 2 when prepend_bos is true")
+        self.ignored_token_ids = ignored_token_ids(spec, adapter)
 
     def _contexts(self, tokens: int) -> int:
         return math.ceil(tokens / self.scored_per_context)
@@ -51,7 +57,8 @@ class Inputs:
         if self.synthetic:
             return self.adapter.synthetic_batches(tokens, batch_size, self.spec.seed + SYNTHETIC_SEED_OFFSETS[part])
         skip = 0 if part == "fit" else self._contexts(self.spec.fit_tokens)
-        return token_batches(self.dataset, self._contexts(tokens), batch_size, skip_contexts=skip)
+        return token_batches(self.dataset, self._contexts(tokens), batch_size, skip_contexts=skip,
+                             ignored_ids=self.ignored_token_ids)
 
     def scored_contexts(self, contexts: torch.Tensor, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, Batch]]:
         """The ``score`` contexts with indices ``contexts`` (as `EntryBatch.context` counts them: from 0, across the
@@ -98,13 +105,22 @@ class Inputs:
             batches = self.adapter.synthetic_batches(samples + batch_size, batch_size, self.spec.seed + SYNTHETIC_SEED_OFFSETS["train"])
         else:
             skip = self._contexts(self.spec.fit_tokens) + self._contexts(self.spec.tokens)
-            batches = token_batches(self.dataset, self._contexts(samples + batch_size), self.spec.batch_size, skip_contexts=skip)
+            batches = token_batches(self.dataset, self._contexts(samples + batch_size), self.spec.batch_size,
+                                    skip_contexts=skip, ignored_ids=self.ignored_token_ids)
         return _rebatched(self.adapter, batches, hook, batch_size)
 
     def describe(self) -> dict[str, str]:
         if self.synthetic:
             return {"dataset_id": f"synthetic:{self.adapter.model_id}", "dataset_revision": "", "tokenizer": ""}
         return self.dataset.describe()
+
+
+def ignored_token_ids(spec: BenchmarkSpec, adapter: ModelAdapter) -> list[int]:
+    """The token ids that are never scored: the spec's ``ignore_tokens`` list, or for ``"special"`` (the default) the
+    model's special tokens and the spec's ``bos_token_id``."""
+    if spec.ignore_tokens != "special":
+        return sorted(set(spec.ignore_tokens))
+    return sorted(adapter.special_token_ids() | ({spec.bos_token_id} - {None}))
 
 
 def _rebatched(adapter: ModelAdapter, batches: Iterator[Batch], hook: str, batch_size: int) -> Iterator[torch.Tensor]:

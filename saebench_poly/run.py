@@ -90,6 +90,8 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
     for hook in spec.hooks:
         adapter.hook_width(hook)
     inputs = Inputs(spec, adapter)
+    if inputs.ignored_token_ids:
+        reporter.message(f"not scoring the token ids {inputs.ignored_token_ids} (ignore_tokens = {spec.ignore_tokens!r})")
     for trained in spec.train:
         _ensure_trained(trained, loaded, adapter, inputs, reporter)
     entries = _load_entries(loaded, adapter, device, dtype)

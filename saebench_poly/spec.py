@@ -96,6 +96,8 @@ class BenchmarkSpec(BaseModel):
     batch_size: Annotated[int, Field(gt=0)] = 16
     prepend_bos: bool = True
     bos_token_id: int | None = None
+    # Token ids never scored, wherever they stand: "special" = the model's special tokens (`saebench_poly.inputs`).
+    ignore_tokens: Literal["special"] | list[Annotated[int, Field(ge=0)]] = "special"
     seed: int = 0
     device: str = "auto"
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
@@ -118,7 +120,7 @@ class BenchmarkSpec(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         """The evaluation settings: what the numbers depend on (model, data, token counts, context, BOS handling,
-        seed, dtype, metrics and their options), not which entries are scored, where results go, the device or the
+        the ignored tokens, seed, dtype, metrics and their options), not which entries are scored, where results go, the device or the
         batch size.
         Local paths appear as the spec file wrote them, so the same spec gives the same settings in any checkout."""
         settings = self.model_dump(
@@ -128,6 +130,8 @@ class BenchmarkSpec(BaseModel):
         )
         if self.metric_options:  # only when set, so that specs without options keep their hash
             settings["metric_options"] = self.metric_options
+        if self.dataset.kind != "synthetic":  # toy models have no tokens, and their specs keep their hash
+            settings["ignore_tokens"] = self.ignore_tokens
         for (section, key), written in self._written_paths.items():
             settings[section][key] = written
         return settings

@@ -25,7 +25,8 @@ class Batch:
     """One batch of model inputs.
 
     ``inputs``: token ids ``[batch, context]`` for language models, feature values ``[batch, n_features]`` for toy
-    models. ``score_mask``: ``[batch, positions]`` bool, True where a position is scored (BOS is not).
+    models. ``score_mask``: ``[batch, positions]`` bool, True where a position is scored: not the BOS a run
+    prepends, nor a token the spec's ``ignore_tokens`` excludes (by default the model's special tokens).
     """
 
     inputs: torch.Tensor
@@ -47,6 +48,23 @@ class ForwardOutput:
 
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]
+
+# The tokenizer (or model config) attributes that name structural special tokens, which are not text: sae-lens's
+# `get_special_token_ids` (BOS, EOS, pad, SEP, decoder start) plus BERT's CLS and mask. Additional special tokens
+# (chat-template markers) are left out, as sae-lens leaves them out.
+SPECIAL_TOKEN_ATTRIBUTES = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "cls_token_id",
+                            "mask_token_id", "decoder_start_token_id")
+
+
+def special_token_ids(*holders: Any) -> set[int]:
+    """The ids that the `SPECIAL_TOKEN_ATTRIBUTES` of ``holders`` (tokenizers, model configs; None is skipped) name."""
+    found = set()
+    for holder in holders:
+        for attribute in SPECIAL_TOKEN_ATTRIBUTES:
+            token_id = getattr(holder, attribute, None) if holder is not None else None
+            if isinstance(token_id, int):
+                found.add(token_id)
+    return found
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def hook_names(self) -> list[str]:
         """Every hook this model can report."""
+
+    def special_token_ids(self) -> set[int]:
+        """The ids of the model's structural special tokens (`SPECIAL_TOKEN_ATTRIBUTES` of its tokenizer, and its
+        ``bos_token_id``): what a spec's ``ignore_tokens = "special"`` leaves unscored."""
+        return special_token_ids(getattr(self, "tokenizer", None)) | ({self.bos_token_id} - {None})
 
     def hook_activations(self, batch: Batch, hook: str) -> torch.Tensor:
         """``forward(batch, [hook], logits=False).activations[hook]``, run once per hook inside `sharing_activations`."""

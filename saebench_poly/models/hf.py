@@ -46,7 +46,15 @@ from transformers.utils import ModelOutput, cached_file
 from transformers.utils.hub import extract_commit_hash
 
 from saebench_poly.errors import UserError
-from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, ModelConfig, Replacement, UnitInputs
+from saebench_poly.models.base import (
+    Batch,
+    ForwardOutput,
+    ModelAdapter,
+    ModelConfig,
+    Replacement,
+    UnitInputs,
+    special_token_ids,
+)
 
 _CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -215,6 +223,11 @@ class HFModelAdapter(ModelAdapter):
             return store["h"]
 
         return UnitInputs(source=f"input of {linear.module}", weight=linear.weight, bias=bias, capture=capture)
+
+    def special_token_ids(self) -> set[int]:
+        """The tokenizer's special tokens and those the model's config names (for pre-tokenized data without a
+        tokenizer)."""
+        return super().special_token_ids() | special_token_ids(self.model.config)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokenizer": getattr(self.tokenizer, "name_or_path", "") or ""}
