@@ -80,7 +80,8 @@ class Behaviours:
     - ``sizes`` ``[U, n]``: component sizes at ``taus[0]``, largest first (ties: the component holding the earlier
       example first), 0 beyond K;
     - ``central`` ``[U, n]``: in the same order, the index of each component's central example (the member with the
-      largest summed cosine similarity to the members of its component; ties: the earlier example), -1 beyond K.
+      largest summed cosine similarity to the members of its component; ties: the earlier example), -1 beyond K;
+    - ``members`` ``[U, n]``: each example's component, as its index in ``sizes`` (-1 for a missing example).
     """
 
     n_behaviours: torch.Tensor
@@ -89,6 +90,7 @@ class Behaviours:
     mean_cosine: torch.Tensor
     sizes: torch.Tensor
     central: torch.Tensor
+    members: torch.Tensor
 
 
 def unit_behaviours(embeddings: torch.Tensor, valid: torch.Tensor, taus: Sequence[float]) -> Behaviours:
@@ -120,6 +122,8 @@ def unit_behaviours(embeddings: torch.Tensor, valid: torch.Tensor, taus: Sequenc
     order = torch.sort(roots * (n + 1) + (n - index), dim=1, descending=True, stable=True).indices
     sizes = roots.gather(1, order)
     central = torch.where(sizes > 0, central.gather(1, order), -1)
+    place = torch.empty_like(order).scatter_(1, order, index.expand(units, n).contiguous())
+    members = torch.where(valid, place.gather(1, labels), -1)
     return Behaviours(
         n_behaviours=torch.stack(n_behaviours, dim=1),
         effective=torch.where(defined, entropy.exp(), nan),
@@ -127,4 +131,5 @@ def unit_behaviours(embeddings: torch.Tensor, valid: torch.Tensor, taus: Sequenc
         mean_cosine=mean_cosine,
         sizes=sizes,
         central=central,
+        members=members,
     )

@@ -253,6 +253,7 @@ def _no_behaviours(examples: Examples, n_taus: int) -> Behaviours:
         mean_cosine=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
         sizes=torch.zeros((width, sample), dtype=torch.int64, device=device),
         central=torch.full((width, sample), -1, dtype=torch.int64, device=device),
+        members=torch.full((width, sample), -1, dtype=torch.int64, device=device),
     )
 
 
@@ -357,3 +358,4 @@ def _write(out: Behaviours, units: torch.Tensor, chunk: Behaviours) -> None:
     n = chunk.sizes.shape[1]
     out.sizes[units, :n] = chunk.sizes
     out.central[units, :n] = chunk.central
+    out.members[units, :n] = chunk.members
