@@ -29,6 +29,7 @@ from filelock import FileLock
 from saebench_poly.errors import UserError, first_line
 from saebench_poly.frontier import recompute_frontier
 from saebench_poly.integrity import DIGESTED_COLUMNS, FileProvenance, digest_table, entry_key
+from saebench_poly.stored_examples import check_file_schema, examples_fields, examples_path
 
 # 2: leaderboard gains the frontier flags (pareto_*), the per-unit table the capacity, neuron_truth and
 #    polysemanticity (neuron-embedding) columns.
@@ -112,6 +113,10 @@ UNITS_SCHEMA = pa.schema(
 )
 
 
+# saebench_poly.stored_examples: the token windows of each behaviour's central example and a few more members
+EXAMPLES_SCHEMA = pa.schema(examples_fields(PROVENANCE_FIELDS))
+
+
 def units_path(leaderboard: Path) -> Path:
     """Where the per-unit table of ``leaderboard`` lives."""
     return leaderboard.with_name(leaderboard.name.removesuffix(".parquet") + ".units.parquet")
@@ -143,6 +148,11 @@ def read_table(path: Path, schema: pa.Schema = LEADERBOARD_SCHEMA) -> pd.DataFra
         raise UserError(f"{path} has columns of the wrong type: {'; '.join(wrong)}") from None
 
 
+def check_schema(path: Path, schema: pa.Schema) -> None:
+    """`read_table`'s version and column checks from the file's schema alone, for tables too large to read whole."""
+    check_file_schema(path, schema, SCHEMA_METADATA_KEY, SCHEMA_VERSION)
+
+
 def read_provenance(path: Path) -> FileProvenance:
     """The digests, spec settings and submitted entries recorded in a leaderboard file's metadata."""
     try:
@@ -172,7 +182,7 @@ def to_arrow(frame: pd.DataFrame, schema: pa.Schema, provenance: FileProvenance 
     if sorted(frame.columns) != sorted(schema.names):
         raise ValueError(f"columns {sorted(frame.columns)} do not match the schema {sorted(schema.names)}")
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
-    table_name = b"leaderboard" if schema.equals(LEADERBOARD_SCHEMA) else b"units"
+    table_name = {LEADERBOARD_SCHEMA: b"leaderboard", EXAMPLES_SCHEMA: b"examples"}.get(schema, b"units")
     metadata = {SCHEMA_METADATA_KEY: str(SCHEMA_VERSION).encode(), TABLE_METADATA_KEY: table_name}
     if provenance is not None:
         metadata[PROVENANCE_METADATA_KEY] = provenance.to_json()
@@ -229,11 +239,13 @@ def write_atomic(table: pa.Table | bytes, path: Path) -> None:
 
 @dataclass
 class Contents:
-    """A leaderboard's rows, its per-unit rows and its provenance record."""
+    """A leaderboard's rows, its per-unit rows, its provenance record and its stored examples (None in a change:
+    keep the examples of the entries that the new rows hold)."""
 
     rows: pd.DataFrame
     units: pd.DataFrame
     provenance: FileProvenance
+    examples: pd.DataFrame | None = None
 
 
 def concat(*frames: pd.DataFrame) -> pd.DataFrame:
@@ -247,24 +259,29 @@ def update(path: Path, change: Callable[[Contents], Contents]) -> Contents:
     under the file lock, so concurrent updates are serialised and none is lost; returns what was written. The
     frontier flags of every row are recomputed from the new rows (`saebench_poly.frontier.recompute_frontier`).
 
-    Both files are validated before anything is written; the per-unit table is renamed into place first, so the
-    leaderboard's rename is the commit point (units of entries the leaderboard does not hold, left by a write
-    interrupted between the two renames, are dropped). An unreadable file raises and is left untouched."""
-    units_file = units_path(path)
+    All three files are validated before anything is written; the per-unit and stored-examples tables are renamed
+    into place first, so the leaderboard's rename is the commit point (units and examples of entries the leaderboard
+    does not hold, left by a write interrupted between the renames, are dropped). An unreadable file raises and is left untouched."""
+    units_file, examples_file = units_path(path), examples_path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a leaderboard file: name a .parquet file inside it")
     with _locked(path):
-        _remove_stale_temporaries(path, units_file)
+        _remove_stale_temporaries(path, units_file, examples_file)
         rows = read_table(path) if path.exists() else LEADERBOARD_SCHEMA.empty_table().to_pandas()
         units = read_table(units_file, UNITS_SCHEMA) if units_file.exists() else UNITS_SCHEMA.empty_table().to_pandas()
-        old = Contents(rows, _held(units, rows), read_provenance(path) if path.exists() else FileProvenance())
+        examples = (read_table(examples_file, EXAMPLES_SCHEMA) if examples_file.exists()
+                    else EXAMPLES_SCHEMA.empty_table().to_pandas())
+        old = Contents(rows, _held(units, rows), read_provenance(path) if path.exists() else FileProvenance(),
+                       _held(examples, rows))
         new = change(old)
         new.rows = recompute_frontier(new.rows)
         keys = set(entry_keys(new.rows))
-        written = Contents(new.rows, _held(new.units, new.rows), new.provenance.restricted_to(keys, new.rows["spec_hash"]))
+        written = Contents(new.rows, _held(new.units, new.rows), new.provenance.restricted_to(keys, new.rows["spec_hash"]),
+                           _held(old.examples if new.examples is None else new.examples, new.rows))
         tables = {units_file: to_arrow(written.units, UNITS_SCHEMA),
+                  examples_file: to_arrow(written.examples, EXAMPLES_SCHEMA),
                   path: to_arrow(written.rows, LEADERBOARD_SCHEMA, written.provenance)}
-        # Both files are staged before either is renamed, so a full disk or a read-only folder leaves neither
+        # Every file is staged before any is renamed, so a full disk or a read-only folder leaves neither
         # a new per-unit table beside an old leaderboard nor an orphan per-unit table beside none.
         staged: dict[Path, str] = {}
         try:
@@ -312,15 +329,18 @@ def _held(units: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def replace_spec_rows(path: Path, spec_name: str, rows: pd.DataFrame, units: pd.DataFrame,
-                      settings: dict[str, Any] | None = None) -> None:
-    """Put ``rows`` (and ``units``) in the leaderboard at ``path`` in place of the rows of ``spec_name``, except
-    entries that ``submit`` added; record the new entries' digests and the spec's ``settings``."""
+                      settings: dict[str, Any] | None = None, examples: pd.DataFrame | None = None) -> None:
+    """Put ``rows`` (and ``units`` and ``examples``) in the leaderboard at ``path`` in place of the rows of
+    ``spec_name``, except entries that ``submit`` added; record the new entries' digests and the spec's ``settings``."""
+    examples = EXAMPLES_SCHEMA.empty_table().to_pandas() if examples is None else examples
     added = FileProvenance(digests=entry_digests(rows), specs={rows["spec_hash"].iloc[0]: settings} if settings else {})
 
     def change(old: Contents) -> Contents:
         kept = {k for k in entry_keys(old.rows) if k in old.provenance.submitted}
         keep_rows = (old.rows["spec_name"] != spec_name) | entry_keys(old.rows).isin(kept)
         keep_units = (old.units["spec_name"] != spec_name) | entry_keys(old.units).isin(kept)
-        return Contents(concat(old.rows[keep_rows], rows), concat(old.units[keep_units], units), old.provenance.merged(added))
+        keep_examples = (old.examples["spec_name"] != spec_name) | entry_keys(old.examples).isin(kept)
+        return Contents(concat(old.rows[keep_rows], rows), concat(old.units[keep_units], units), old.provenance.merged(added),
+                        concat(old.examples[keep_examples], examples))
 
     update(path, change)

@@ -26,12 +26,14 @@ import torch
 from saebench_poly import leaderboard
 from saebench_poly.activations import ScoredEntry, fit_baselines, revisit, score
 from saebench_poly.errors import UserError
+from saebench_poly.example_windows import stored_examples
 from saebench_poly.inputs import Inputs
 from saebench_poly.metrics import build_accumulator, resolve_metric_options, resolve_metrics
 from saebench_poly.models import MODEL_LOADERS, ModelAdapter
 from saebench_poly.provenance import git_commit, package_versions
 from saebench_poly.sources import Entry, SourceContext, load_entry
 from saebench_poly.spec import LoadedSpec, TrainedSAESpec
+from saebench_poly.stored_examples import DEFAULT_MEMBERS
 from saebench_poly.training import train_sae
 from saebench_poly.usertext import check_entry_name
 
@@ -55,6 +57,7 @@ class RunResult:
     units: pd.DataFrame
     output: Path
     tokens_scored: int
+    examples: pd.DataFrame | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,8 +79,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: bool = True) -> RunResult:
-    """Score every entry of ``loaded`` in one pass and (when ``write``) replace the spec's leaderboard rows."""
+def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: bool = True,
+                  examples: int = DEFAULT_MEMBERS) -> RunResult:
+    """Score every entry of ``loaded`` in one pass and (when ``write``) replace the spec's leaderboard rows. Each
+    behaviour's central example and up to ``examples`` more of its members go to the stored-examples table."""
     reporter = reporter or Reporter()
     spec = loaded.spec
     seed_everything(spec.seed)
@@ -109,12 +114,14 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
         tokens = score(adapter, scored, inputs.batches("score"), advance)
     with reporter.task("characteristic examples", sum(len(item.accumulators) for item in scored)) as advance:
         revisit(scored, inputs.scored_contexts, advance)
+    with reporter.task("stored examples (contexts read again)", None) as advance:
+        windows = stored_examples(scored, inputs.scored_contexts, adapter, examples, advance)
 
-    rows, units = _records(loaded, adapter, inputs, scored, metrics, tokens, device)
+    rows, units, stored = _records(loaded, adapter, inputs, scored, metrics, tokens, device, windows)
     output = loaded.output_path
     if write:
-        leaderboard.replace_spec_rows(output, spec.name, rows, units, settings=spec.settings())
-    return RunResult(rows=rows, units=units, output=output, tokens_scored=tokens)
+        leaderboard.replace_spec_rows(output, spec.name, rows, units, settings=spec.settings(), examples=stored)
+    return RunResult(rows=rows, units=units, output=output, tokens_scored=tokens, examples=stored)
 
 
 def _load_entries(loaded: LoadedSpec, adapter: ModelAdapter, device: torch.device, dtype: torch.dtype) -> list[Entry]:
@@ -195,7 +202,8 @@ def _counted(data: Iterator[torch.Tensor], advance: Callable[[int], None]) -> It
 
 
 def _records(loaded: LoadedSpec, adapter: ModelAdapter, inputs: Inputs, scored: list[ScoredEntry], metrics: dict,
-             tokens: int, device: torch.device) -> tuple[pd.DataFrame, pd.DataFrame]:
+             tokens: int, device: torch.device,
+             windows: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     spec = loaded.spec
     run_id = uuid.uuid4().hex
     shared = {
@@ -208,7 +216,7 @@ def _records(loaded: LoadedSpec, adapter: ModelAdapter, inputs: Inputs, scored: 
         "dtype": spec.dtype, "git_commit": git_commit(), "package_versions": package_versions(),
         "created_at": pd.Timestamp(datetime.now(UTC)),
     }
-    rows, units = [], []
+    rows, units, examples = [], [], [leaderboard.EXAMPLES_SCHEMA.empty_table().to_pandas()]
     for item in scored:
         described = {**shared, **item.entry.describe()}
         sha = item.entry.weights_sha256()
@@ -229,4 +237,6 @@ def _records(loaded: LoadedSpec, adapter: ModelAdapter, inputs: Inputs, scored: 
             if column not in frame:
                 frame[column] = described.get(column, np.nan)
         units.append(frame)
-    return pd.DataFrame(rows), pd.concat(units, ignore_index=True)
+        if item.entry.name in windows:
+            examples.append(windows[item.entry.name].assign(**{c: described[c] for c in (f.name for f in leaderboard.PROVENANCE_FIELDS)}))
+    return pd.DataFrame(rows), pd.concat(units, ignore_index=True), leaderboard.concat(*examples)

@@ -143,3 +143,31 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str])
         return code, captured.out, captured.err
 
     return invoke
+
+
+# Every token string is markup: the report must show each as text.
+HOSTILE_TOKEN = "<script>window.__token_ran = 1</script>"
+
+
+def hostile_tokenizer():
+    """A word-level tokenizer over the test vocabulary whose every token string is HTML."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, **{(HOSTILE_TOKEN if i == 5 else f"<b>t{i}</b>"): i for i in range(1, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<b>t1</b>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<b>t1</b>", unk_token="<b>t1</b>")
+
+
+@pytest.fixture(scope="session")
+def text_tl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny transformer-lens model of conftest, saved with `hostile_tokenizer`."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from saebench_poly.models.hooked import save_hooked_transformer
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=D_MODEL, n_ctx=32, d_head=4, n_heads=4, d_mlp=D_MLP, d_vocab=VOCAB,
+                                  act_fn="gelu", normalization_type="LN", seed=0)
+    folder = save_hooked_transformer(HookedTransformer(cfg), tmp_path_factory.mktemp("tl-text"))
+    hostile_tokenizer().save_pretrained(folder)  # the loader takes a tokenizer from the model's folder
+    return folder
