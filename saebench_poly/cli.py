@@ -89,6 +89,7 @@ def run(
     result = run_benchmark(loaded, RichReporter(err_console))
     out_console.print(summary_table(result.rows, f"{loaded.spec.name}: {result.tokens_scored:,} tokens scored"))
     out_console.print(printable(f"wrote {result.output} and {result.output.name.removesuffix('.parquet')}.units.parquet"))
+    out_console.print(printable(f"see why: saebench-poly report {result.output}"))
 
 
 def summary_table(rows: Any, title: str) -> Table:
@@ -270,6 +271,21 @@ def check(
         out_console.print(printable(line))
     out_console.print(printable(f"check: {report.summary()}; reports in {report_dir}"))
     raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def report(
+    leaderboard: Annotated[Path, typer.Argument(help="Leaderboard file (leaderboards/<name>.parquet).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="HTML file to write (default: the leaderboard's name with .html).")] = None,
+    max_units: Annotated[int, typer.Option(min=1, help="Units per entry whose values and examples go into the page.")] = 1000,
+) -> None:
+    """Write one self-contained HTML report (opens offline): the table, the frontiers, the behaviours and a unit explorer."""
+    from saebench_poly.report import build_report
+
+    done = build_report(leaderboard, output, max_units=max_units)
+    examples = "" if done.has_examples else " (no stored examples beside the leaderboard: run the spec again to store them)"
+    out_console.print(printable(f"wrote {done.output} ({done.bytes / 2**20:.1f} MiB, {done.entries} entries, "
+                                f"{done.units_shown} units in the explorer){examples}"))
 
 
 def main() -> None:
