@@ -60,7 +60,8 @@ def test_a_failed_run_leaves_the_existing_leaderboard_untouched(tl_spec, run_cli
     before = board.read_bytes()
     code, _, err = run_cli("run", str(tl_spec(tokens=50, entries=["disk:missing"])))
     assert code == 2 and board.read_bytes() == before
-    assert sorted(p.name for p in board.parent.iterdir()) == ["board.parquet", "board.parquet.lock", "board.units.parquet"]
+    assert sorted(p.name for p in board.parent.iterdir()) == ["board.examples.parquet", "board.parquet", "board.parquet.lock",
+                                                             "board.units.parquet"]
 
 
 def test_a_corrupt_leaderboard_is_reported_and_left_as_it_was(tl_spec, run_cli, tmp_path: Path) -> None:

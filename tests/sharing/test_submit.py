@@ -86,7 +86,8 @@ def test_eight_concurrent_submits_leave_all_eight_entries(board: Path, results: 
     units = read_table(leaderboard.units_path(board), leaderboard.UNITS_SCHEMA)
     assert set(units["entry"]) == entries(board)
     validate(read_results(board))
-    assert sorted(p.name for p in board.parent.iterdir()) == ["board.parquet", "board.parquet.lock", "board.units.parquet"]
+    assert sorted(p.name for p in board.parent.iterdir()) == ["board.examples.parquet", "board.parquet", "board.parquet.lock",
+                                                             "board.units.parquet"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not parquet", "plain parquet"])
