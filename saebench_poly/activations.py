@@ -1,8 +1,10 @@
 """The one activation pass: each batch runs through the model once, and the activations at every needed hook feed
 every entry and every accumulator. Nothing larger than one batch's activations and codes is ever held.
 
-Downstream statistics need the model re-run with a hook's activations replaced: once per hook for the
-zero-ablation and once per entry for its reconstruction (from the hook's block onwards where the adapter can).
+An entry reads its hook and reconstructs its output hook (the same hook, except for transcoders, which are scored
+against the output hook's activations). Downstream statistics need the model re-run with the output hook's
+activations replaced: once per hook for the zero-ablation and once per entry for its reconstruction (from the hook's
+block onwards where the adapter can).
 After the pass, `revisit` lets accumulators run a few chosen scored contexts again (characteristic examples).
 """
 
@@ -57,8 +59,8 @@ def fit_baselines(adapter: ModelAdapter, entries: list[Entry], batches: Iterable
 
 def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Batch], progress: Progress | None = None) -> int:
     """Feed every batch to every entry's accumulators; returns the number of tokens scored."""
-    hooks = sorted({s.entry.hook for s in scored})
-    downstream_hooks = sorted({s.entry.hook for s in scored if s.needs_downstream})
+    hooks = sorted({hook for s in scored for hook in (s.entry.hook, s.entry.output_hook)})
+    downstream_hooks = sorted({s.entry.output_hook for s in scored if s.needs_downstream})
     tokens = contexts = 0
     with torch.no_grad():
         for batch in batches:
@@ -72,10 +74,11 @@ def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Ba
             for item in scored:
                 x = activations[item.entry.hook]
                 z = item.entry.encode(x)
-                x_hat = item.entry.decode(z)
-                entry_batch = EntryBatch(x=x, z=z, x_hat=x_hat, context=context, position=position)
+                x_hat = item.entry.reconstruct(x, z)
+                target = activations[item.entry.output_hook]  # x, except for a transcoder
+                entry_batch = EntryBatch(x=target, z=z, x_hat=x_hat, context=context, position=position)
                 if item.needs_downstream:
-                    entry_batch.downstream = downstream.statistics(item.entry.hook, x, x_hat)
+                    entry_batch.downstream = downstream.statistics(item.entry.output_hook, target, x_hat)
                 for accumulator in item.accumulators:
                     accumulator.update(entry_batch)
             scored_here = int(batch.score_mask.sum())

@@ -49,12 +49,19 @@ class Registry(Generic[T]):
         self._origins[name] = origin
 
     def _load_entry_points(self) -> None:
+        """Add the group's entry points. A name that is already taken (by a built-in or another entry point) is a
+        `UserError` naming both origins: silently keeping one would score with code the user did not choose."""
         if self._entry_points_loaded or self.entry_point_group is None:
             return
         self._entry_points_loaded = True
         for ep in entry_points(group=self.entry_point_group):
-            if ep.name not in self._items:
-                self._add(ep.name, ep.value, f"entry point {ep.value}")
+            origin = f"entry point {ep.value} (package {ep.dist.name if ep.dist else '?'})"
+            if ep.name in self._items and self._origins[ep.name] != origin:
+                raise UserError(
+                    f"{self.kind} {ep.name!r} is registered twice: by {self._origins[ep.name]} and by {origin} "
+                    f"(group {self.entry_point_group}); rename the entry point or uninstall one of the packages"
+                )
+            self._add(ep.name, ep.value, origin)
 
     def get(self, name: str) -> T:
         """The object registered as ``name``; a `UserError` naming close matches when there is none."""

@@ -111,7 +111,7 @@ def test_feature_recovery_of_a_perfect_and_an_orthogonal_dictionary() -> None:
     adapter = SimpleNamespace(true_feature_directions=lambda hook: truth)
 
     def recovery(decoder: torch.Tensor) -> dict[str, float]:
-        entry = SimpleNamespace(hook="hidden", decoder_directions=lambda: decoder)
+        entry = SimpleNamespace(hook="hidden", output_hook="hidden", signed_units=False, decoder_directions=lambda: decoder)
         return FeatureRecovery(entry, adapter).compute()
 
     assert recovery(torch.tensor([[2.0, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1, 1]])) == {"mean_max_cosine": 1.0, "fraction_recovered": 1.0}

@@ -55,8 +55,9 @@ class DownstreamBatch:
 
 @dataclass
 class EntryBatch:
-    """What an entry produced on one batch, at its scored positions: activations ``x`` ``[N, d_in]``, code ``z``
-    ``[N, width]``, reconstruction ``x_hat`` ``[N, d_in]``, where each row came from (``context`` ``[N]``: the
+    """What an entry produced on one batch, at its scored positions: the activations ``x`` ``[N, d_out]`` that it
+    reconstructs (those of its output hook: its input, except for a transcoder), code ``z`` ``[N, width]``,
+    reconstruction ``x_hat`` ``[N, d_out]``, where each row came from (``context`` ``[N]``: the
     context's index in the scored data, counted from 0 across batches; ``position`` ``[N]``: the token's position in
     it), and downstream statistics when requested."""
 

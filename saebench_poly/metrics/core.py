@@ -128,7 +128,7 @@ class Reconstruction(Accumulator):
         total_variance = float(self.m2.sum())
         nonzero = max(self.nonzero_tokens, 1)
         return {
-            "mse": self.squared_error / (self.tokens * self.entry.d_in),
+            "mse": self.squared_error / (self.tokens * self.m2.numel()),
             "fvu": self.squared_error / total_variance if total_variance > 0 else float("nan"),
             "cosine_similarity": self.cosine_sum / nonzero,
             "relative_l2_error": self.relative_error_sum / nonzero,

@@ -1,7 +1,8 @@
-"""What is scored: an `Entry` maps the activations ``x`` at one hook to a code ``z`` and a reconstruction.
+"""What is scored: an `Entry` maps the activations ``x`` at one hook to a code ``z`` and a reconstruction of the
+activations at its output hook (the same hook, except for transcoders).
 
 Two kinds exist. `SAEEntry` wraps any sae-lens `SAE` (its own ``encode``/``decode``, so every architecture's
-preprocessing is honoured). `BasisEntry` is a dense orthonormal basis B (rows are directions) with a centre c:
+preprocessing is honoured; the per-architecture facts come from `saebench_poly.sources.architectures`). `BasisEntry` is a dense orthonormal basis B (rows are directions) with a centre c:
 ``z = (x - c) B^T`` and ``x_hat = z B + c``; the raw neurons (B = I, c = 0), PCA and random rotations are such bases.
 """
 
@@ -16,11 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from saebench_poly.errors import UserError
 from saebench_poly.models.base import Batch, ModelAdapter, UnitInputs
-
-# sae-lens architectures whose encoder computes each latent's pre-activation as one linear map of process_sae_in(x).
-_LINEAR_ENCODERS = frozenset({"standard", "topk", "abstopk", "jumprelu", "gated", "transcoder", "skip_transcoder",
-                              "jumprelu_transcoder", "jumprelu_skip_transcoder"})
+from saebench_poly.sources.architectures import architecture_of, prepare_for_scoring
 
 
 @dataclass
@@ -39,7 +38,8 @@ class SourceContext:
 
 
 class Entry(ABC):
-    """One dictionary being scored. ``kind`` is ``sae`` or the baseline's name."""
+    """One dictionary being scored. ``kind`` is ``sae`` or the baseline's name. ``hook`` is the hook it reads;
+    ``output_hook`` (``d_out`` wide) the one it reconstructs, which is ``hook`` except for transcoders."""
 
     name: str
     uri: str
@@ -49,6 +49,16 @@ class Entry(ABC):
     d_in: int
     width: int
 
+    @property
+    def output_hook(self) -> str:
+        """The hook whose activations the reconstruction is compared with and spliced into."""
+        return self.hook
+
+    @property
+    def d_out(self) -> int:
+        """Width of the reconstruction (of `output_hook`)."""
+        return self.d_in
+
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Code ``[tokens, width]`` for activations ``[tokens, d_in]``."""
@@ -57,9 +67,14 @@ class Entry(ABC):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``[tokens, d_in]`` of a code."""
 
+    def reconstruct(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The reconstruction ``[tokens, d_out]`` of the output hook's activations from the input ``x`` and its code
+        ``z = encode(x)``: ``decode(z)``, plus the skip connection of architectures that have one."""
+        return self.decode(z)
+
     @abstractmethod
     def decoder_directions(self) -> torch.Tensor:
-        """``[width, d_in]``: the direction each unit writes to in the hook's space."""
+        """``[width, d_out]``: the direction each unit writes to in the output hook's space."""
 
     @abstractmethod
     def weights_sha256(self) -> str:
@@ -77,7 +92,8 @@ class Entry(ABC):
     @property
     def signed_units(self) -> bool:
         """True when both signs of a unit's code are activity (a direction read as a coordinate, such as a PCA
-        component), so that its magnitude |z| says how active it is; False when z itself does (latents, neurons)."""
+        component, or an AbsTopK latent), so that its magnitude |z| says how active it is, and +d and -d are the same
+        direction; False when z itself does (most SAE latents, neurons)."""
         return False
 
     def fit(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
@@ -99,16 +115,40 @@ class Entry(ABC):
 
 
 class SAEEntry(Entry):
-    """A sae-lens SAE of any architecture, scored through its own ``encode`` and ``decode``."""
+    """A sae-lens SAE of any architecture in the table (`saebench_poly.sources.architectures`), scored through its
+    own ``encode`` and ``decode``. A transcoder's ``output_hook`` is ``output_hook`` when given, else its
+    ``cfg.metadata.hook_name_out``; a `UserError` when it names none."""
 
     kind = "sae"
 
-    def __init__(self, sae: Any, name: str, uri: str, hook: str, sha256: str | None = None) -> None:
-        self.sae = sae.eval()
+    def __init__(self, sae: Any, name: str, uri: str, hook: str, sha256: str | None = None,
+                 output_hook: str | None = None) -> None:
+        self.facts = architecture_of(sae, f"SAE {name}")
+        self.sae = prepare_for_scoring(sae.eval(), self.facts)
         self.name, self.uri, self.hook = name, uri, hook
-        self.architecture = sae.cfg.architecture()
+        self.architecture = self.facts.name
         self.d_in, self.width = int(sae.cfg.d_in), int(sae.cfg.d_sae)
+        self._d_out = int(getattr(sae.cfg, "d_out", self.d_in))
+        self._output_hook = hook
+        if self.facts.transcoder:
+            self._output_hook = output_hook or sae.cfg.metadata.hook_name_out
+            if not self._output_hook:
+                raise UserError(f"SAE {name} is a {self.architecture}, which reconstructs another hook, but its "
+                                "cfg.json names none (metadata.hook_name_out): add it to the checkpoint")
         self._sha256 = sha256
+
+    @property
+    def output_hook(self) -> str:
+        return self._output_hook
+
+    @property
+    def d_out(self) -> int:
+        return self._d_out
+
+    @property
+    def signed_units(self) -> bool:
+        """True for architectures whose latents fire on both sides (AbsTopK)."""
+        return self.facts.signed
 
     def to(self, device: torch.device, dtype: torch.dtype) -> SAEEntry:
         self.sae = self.sae.to(device=device, dtype=dtype)
@@ -120,22 +160,29 @@ class SAEEntry(Entry):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.sae.decode(z)
 
+    def reconstruct(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``decode(z)``, plus ``x @ W_skip.T`` for skip transcoders (as their ``forward`` adds it)."""
+        x_hat = self.sae.decode(z)
+        if self.facts.skip:
+            x_hat = x_hat + x.to(self.sae.dtype) @ self.sae.W_skip.T
+        return x_hat
+
     def decoder_directions(self) -> torch.Tensor:
         return self.sae.W_dec.detach()
 
     def unit_inputs(self, adapter: ModelAdapter) -> UnitInputs | None:
         """h = ``sae.process_sae_in(x)``, x the hook's activations: sae-lens's own preprocessing (b_dec subtracted
-        when ``apply_b_dec_to_input``, activation normalisation). w_u = W_enc[:, u]; b_u = b_enc[u] for standard,
-        topk, abstopk, jumprelu (batchtopk and matryoshka checkpoints load as jumprelu) and the transcoders. Gated:
-        the gate path, b_u = b_gate[u], whose sign decides whether the latent fires (the magnitude path,
-        W_enc[:, u] exp(r_mag[u]), scales every embedding of u by one constant, so it has the same cosines). A TopK
-        SAE with ``rescale_acts_by_decoder_norm`` multiplies its pre-activation by ||W_dec[u]||, and so w_u and b_u
-        too. None for architectures whose encoder is not one linear map (temporal, matching pursuit)."""
+        when ``apply_b_dec_to_input``, activation normalisation). w_u = W_enc[:, u] and b_u the table's
+        ``embedding_bias`` (`Architecture`): b_enc[u] for most; for gated SAEs the gate path, b_u = b_gate[u], whose
+        sign decides whether the latent fires (the magnitude path, W_enc[:, u] exp(r_mag[u]), scales every embedding
+        of u by one constant, so it has the same cosines). A TopK SAE with ``rescale_acts_by_decoder_norm``
+        multiplies its pre-activation by ||W_dec[u]||, and so w_u and b_u too. None for architectures whose encoder
+        is not one linear map (matching pursuit)."""
         sae = self.sae
-        if self.architecture not in _LINEAR_ENCODERS:
+        if self.facts.embedding_bias is None:
             return None
         weight = sae.W_enc.detach().T
-        bias = (sae.b_gate if self.architecture == "gated" else sae.b_enc).detach()
+        bias = getattr(sae, self.facts.embedding_bias).detach()
         if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
             norms = sae.W_dec.detach().norm(dim=-1)
             weight, bias = weight * norms[:, None], bias * norms

@@ -13,6 +13,7 @@ import torch
 
 from saebench_poly.errors import UserError, first_line
 from saebench_poly.hub import is_offline_error
+from saebench_poly.sources.architectures import architecture_row
 from saebench_poly.sources.base import SAEEntry, SourceContext, file_sha256
 
 SAE_CONFIG_FILENAME = "cfg.json"
@@ -37,7 +38,7 @@ def load_disk(argument: str, context: SourceContext) -> SAEEntry:
     except Exception as err:  # noqa: BLE001 - a broken checkpoint can fail anywhere inside sae-lens
         raise UserError(f"SAE checkpoint {folder} could not be loaded: {first_line(err)}") from None
     uri = f"disk:{argument}"
-    return _checked_entry(sae, name=folder.name, uri=uri, context=context, sha256=file_sha256(folder / SAE_WEIGHTS_FILENAME))
+    return checked_entry(sae, name=folder.name, uri=uri, context=context, sha256=file_sha256(folder / SAE_WEIGHTS_FILENAME))
 
 
 def _load_inference_sae(folder: Path, architecture: str, device: torch.device) -> Any:
@@ -45,13 +46,9 @@ def _load_inference_sae(folder: Path, architecture: str, device: torch.device) -
     saved from a `TrainingSAE`) is converted as sae-lens converts it (``save_inference_model``: BatchTopK becomes
     JumpReLU with its learned threshold), so that scoring never depends on the batch."""
     from sae_lens import SAE, TrainingSAE
-    from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-    if architecture in SAE_CLASS_REGISTRY:
+    if not architecture_row(architecture, f"SAE checkpoint {folder}").training_only:
         return SAE.load_from_disk(folder, device=str(device))
-    if architecture not in SAE_TRAINING_CLASS_REGISTRY:
-        known = sorted(set(SAE_CLASS_REGISTRY) | set(SAE_TRAINING_CLASS_REGISTRY))
-        raise UserError(f"{folder}/cfg.json names architecture {architecture!r}, which sae-lens does not know ({', '.join(known)})")
     training_sae = TrainingSAE.load_from_disk(folder, device=str(device))
     with tempfile.TemporaryDirectory(prefix=".saebench-tmp-") as converted:
         training_sae.save_inference_model(converted)
@@ -84,21 +81,26 @@ def load_pretrained(argument: str, context: SourceContext) -> SAEEntry:
                 "save it once with SAE.save_model and use disk:<folder>"
             ) from None
         raise UserError(f"SAE {release}/{sae_id} could not be loaded: {first_line(err)}") from None
-    return _checked_entry(sae, name=f"{release}/{sae_id}", uri=f"sae_lens:{argument}", context=context, sha256=None)
+    return checked_entry(sae, name=f"{release}/{sae_id}", uri=f"sae_lens:{argument}", context=context, sha256=None)
 
 
-def _checked_entry(sae: Any, name: str, uri: str, context: SourceContext, sha256: str | None) -> SAEEntry:
-    hook = context.hook or sae.cfg.metadata.hook_name or context.default_hook
+def checked_entry(sae: Any, name: str, uri: str, context: SourceContext, sha256: str | None,
+                  hook: str | None = None) -> SAEEntry:
+    """The `SAEEntry` of a loaded sae-lens SAE, after the checks every source shares: a hook (the spec's, else
+    ``hook``, else the checkpoint's ``metadata.hook_name``, else the spec's only hook) whose width is d_in, an output
+    hook of width d_out for transcoders, and finite weights."""
+    hook = context.hook or hook or sae.cfg.metadata.hook_name or context.default_hook
     if hook is None:
         raise UserError(f"SAE {name} names no hook (cfg.json metadata.hook_name): give the entry a hook in the spec")
-    width = context.adapter.hook_width(hook)
-    if int(sae.cfg.d_in) != width:
-        raise UserError(
-            f"SAE {name} has d_in={sae.cfg.d_in} but hook {hook!r} of {context.adapter.model_id} has width {width}: "
-            "it was trained on another hook or model"
-        )
     for param_name, param in sae.named_parameters():
         if not torch.isfinite(param).all():
             raise UserError(f"SAE {name} has non-finite values (NaN or inf) in {param_name}: the checkpoint is broken")
     entry = SAEEntry(sae, name=name, uri=uri, hook=hook, sha256=sha256)
+    for which, entry_hook, size in (("d_in", entry.hook, entry.d_in), ("d_out", entry.output_hook, entry.d_out)):
+        width = context.adapter.hook_width(entry_hook)
+        if size != width:
+            raise UserError(
+                f"SAE {name} has {which}={size} but hook {entry_hook!r} of {context.adapter.model_id} has width "
+                f"{width}: it was trained on another hook or model"
+            )
     return entry.to(context.device, context.dtype)
