@@ -17,7 +17,7 @@ $(BIN)/saebench-poly: pyproject.toml
 install: $(BIN)/saebench-poly
 
 run: install
-	$(BIN)/saebench-poly run
+	$(BIN)/saebench-poly run && $(BIN)/saebench-poly report leaderboards/toy-superposition.parquet
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
