@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from saebench_poly.errors import UserError
 from saebench_poly.metrics.base import Accumulator, DownstreamBatch, EntryBatch, ScoredContexts
 from saebench_poly.metrics.downstream import cross_entropy, kl_divergence, next_token_log_probs
 from saebench_poly.metrics.moments import Moments
@@ -53,7 +54,8 @@ def fit_baselines(adapter: ModelAdapter, entries: list[Entry], batches: Iterable
     for entry in to_fit:
         hook_moments = moments[entry.hook]
         if hook_moments.count < 2:
-            raise ValueError(f"no held-out activations to fit {entry.name}: raise fit_tokens")
+            raise UserError(f"{hook_moments.count} held-out token(s) to fit {entry.name}, and it needs at least 2: "
+                            "raise fit_tokens")
         entry.fit(hook_moments.mean, hook_moments.covariance())
 
 

@@ -15,7 +15,7 @@ import glob
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +117,13 @@ UNITS_SCHEMA = pa.schema(
 EXAMPLES_SCHEMA = pa.schema(examples_fields(PROVENANCE_FIELDS))
 
 
+def units_schema(extra_columns: Iterable[str] = ()) -> pa.Schema:
+    """`UNITS_SCHEMA` and, after it in name order, the float64 per-unit columns that metric families add
+    (`Accumulator.unit_columns`)."""
+    extra = sorted(set(extra_columns) - set(UNITS_SCHEMA.names))
+    return pa.schema([*UNITS_SCHEMA, *(pa.field(name, pa.float64(), nullable=True) for name in extra)])
+
+
 def units_path(leaderboard: Path) -> Path:
     """Where the per-unit table of ``leaderboard`` lives."""
     return leaderboard.with_name(leaderboard.name.removesuffix(".parquet") + ".units.parquet")
@@ -136,6 +143,8 @@ def read_table(path: Path, schema: pa.Schema = LEADERBOARD_SCHEMA) -> pd.DataFra
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
         raise UserError(f"{path} lacks the columns {missing}: it is not a complete saebench-poly table")
+    if schema.equals(UNITS_SCHEMA):  # keeps the per-unit columns that metric families add (float64)
+        schema = units_schema(table.column_names)
     table = table.select(schema.names)
     empty = [f"{f.name} ({table.column(f.name).null_count})" for f in schema if not f.nullable and table.column(f.name).null_count]
     if empty:
@@ -278,7 +287,7 @@ def update(path: Path, change: Callable[[Contents], Contents]) -> Contents:
         keys = set(entry_keys(new.rows))
         written = Contents(new.rows, _held(new.units, new.rows), new.provenance.restricted_to(keys, new.rows["spec_hash"]),
                            _held(old.examples if new.examples is None else new.examples, new.rows))
-        tables = {units_file: to_arrow(written.units, UNITS_SCHEMA),
+        tables = {units_file: to_arrow(written.units, units_schema(written.units.columns)),
                   examples_file: to_arrow(written.examples, EXAMPLES_SCHEMA),
                   path: to_arrow(written.rows, LEADERBOARD_SCHEMA, written.provenance)}
         # Every file is staged before any is renamed, so a full disk or a read-only folder leaves neither

@@ -32,7 +32,7 @@ from saebench_poly.metrics import build_accumulator, resolve_metric_options, res
 from saebench_poly.models import MODEL_LOADERS, ModelAdapter
 from saebench_poly.provenance import git_commit, package_versions
 from saebench_poly.sources import Entry, SourceContext, load_entry
-from saebench_poly.spec import LoadedSpec, TrainedSAESpec
+from saebench_poly.spec import BenchmarkSpec, LoadedSpec, TrainedSAESpec
 from saebench_poly.stored_examples import DEFAULT_MEMBERS
 from saebench_poly.training import train_sae
 from saebench_poly.usertext import check_entry_name
@@ -89,6 +89,7 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
     device = resolve_device(spec.device)
     dtype = getattr(torch, spec.dtype)
     metrics = resolve_metrics(spec.metrics)
+    _check_unit_columns({accumulator for _, accumulator in metrics.values()})
     metric_options = resolve_metric_options(spec.metric_options)
     reporter.message(f"{spec.name}: loading the {spec.model.loader} model on {device}")
     adapter: ModelAdapter = MODEL_LOADERS.get(spec.model.loader)(spec.model, device, dtype)
@@ -100,8 +101,13 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
     for trained in spec.train:
         _ensure_trained(trained, loaded, adapter, inputs, reporter)
     entries = _load_entries(loaded, adapter, device, dtype)
+    _check_metrics_apply(spec, metrics, entries, adapter, reporter)
 
-    if any(entry.needs_fit for entry in entries):
+    to_fit = [entry.name for entry in entries if entry.needs_fit]
+    if to_fit and inputs.contexts_in("fit") == 0:
+        raise UserError(f"{', '.join(to_fit)} must be fitted on held-out data, and fit_tokens is 0: set fit_tokens "
+                        "(default 8192), or leave pca out of `baselines` and `entries`")
+    if to_fit:
         with reporter.task("fitting baselines", inputs.tokens_in("fit")) as advance:
             fit_baselines(adapter, entries, inputs.batches("fit"), advance)
     scored = []
@@ -122,6 +128,32 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
     if write:
         leaderboard.replace_spec_rows(output, spec.name, rows, units, settings=spec.settings(), examples=stored)
     return RunResult(rows=rows, units=units, output=output, tokens_scored=tokens, examples=stored)
+
+
+def _check_metrics_apply(spec: BenchmarkSpec, metrics: dict, entries: list[Entry], adapter: ModelAdapter,
+                         reporter: Reporter) -> None:
+    """Before scoring: a `UserError` when none of the metrics the spec names applies to any entry, a message
+    naming those that apply to none when only some do."""
+    if spec.metrics is None:
+        return
+    idle = [f"{name} ({metric.family})" for name, (metric, family) in metrics.items()
+            if not any(family.applies(entry, adapter) for entry in entries)]
+    if len(idle) == len(metrics):
+        raise UserError(f"none of the metrics the spec names applies to its entries on {adapter.family} model "
+                        f"{adapter.model_id!r}: {', '.join(idle)}; name others in `metrics` (`saebench-poly list`)")
+    if idle:
+        reporter.message(f"{', '.join(idle)}: no entry on this model has these metrics; they are left out")
+
+
+def _check_unit_columns(families: set[type]) -> None:
+    """Each per-unit column a family declares (`Accumulator.unit_columns`) is new and declared once."""
+    declared: dict[str, str] = {}
+    for family in sorted(families, key=lambda f: f.__name__):
+        for column in family.unit_columns:
+            if column in leaderboard.UNITS_SCHEMA.names or column in declared:
+                other = declared.get(column, "the built-in per-unit table")
+                raise ValueError(f"per-unit column {column!r} of metric family {family.__name__} is already {other}'s")
+            declared[column] = family.__name__
 
 
 def _load_entries(loaded: LoadedSpec, adapter: ModelAdapter, device: torch.device, dtype: torch.dtype) -> list[Entry]:
@@ -230,12 +262,18 @@ def _records(loaded: LoadedSpec, adapter: ModelAdapter, inputs: Inputs, scored: 
                 rows.append({**described, **run_provenance, "metric": name, "metric_version": metric.version,
                              "metric_family": metric.family, "direction": metric.direction, "value": float(value),
                              "weights_sha256": sha})
+            values = accumulator.unit_values()
+            undeclared = sorted(set(values) - set(leaderboard.UNITS_SCHEMA.names) - set(accumulator.unit_columns))
+            if undeclared:
+                raise ValueError(f"metric family {type(accumulator).__name__} reports the per-unit values {undeclared}, "
+                                 "which are neither built-in per-unit columns nor in its unit_columns")
             unit_columns.update({k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
-                                 for k, v in accumulator.unit_values().items()})
+                                 for k, v in values.items()})
         frame = pd.DataFrame({"unit": np.arange(item.entry.width), **unit_columns})
         for column in leaderboard.UNITS_SCHEMA.names:
             if column not in frame:
-                frame[column] = described.get(column, np.nan)
+                # None, not NaN: the column may hold lists (a family left out by the spec's `metrics`)
+                frame[column] = described.get(column)
         units.append(frame)
         if item.entry.name in windows:
             examples.append(windows[item.entry.name].assign(**{c: described[c] for c in (f.name for f in leaderboard.PROVENANCE_FIELDS)}))

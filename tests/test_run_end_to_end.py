@@ -98,7 +98,11 @@ def test_hooks_lists_the_models_hooks_with_their_widths(tl_spec, run_cli) -> Non
     assert code == 0, err
     widths = dict(line.split("\t") for line in out.strip().splitlines())
     assert widths[RESID] == str(D_MODEL) and widths["blocks.1.mlp.hook_post"] == str(D_MLP)
-    assert widths["blocks.0.attn.hook_z"] == str(D_MODEL)
+    assert widths["blocks.0.attn.hook_z"] == str(D_MODEL) and widths["blocks.0.attn.hook_q"] == str(D_MODEL)
+    # attention patterns and scores are [batch, head, query, key]: no position axis, so not hooks to score
+    assert "blocks.0.attn.hook_pattern" not in widths and "blocks.0.attn.hook_attn_scores" not in widths
+    code, out, err = run_cli("run", str(tl_spec(hooks=["blocks.0.attn.hook_pattern"])))
+    assert code == 2 and err.splitlines()[-1].startswith("saebench-poly: error: hook 'blocks.0.attn.hook_pattern'") and "[batch, head, query, key]" in err
 
 
 def test_a_trained_sae_is_reused_when_only_the_metrics_change_and_retrained_when_the_data_do(tmp_path: Path) -> None:

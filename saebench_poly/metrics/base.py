@@ -92,6 +92,9 @@ class Accumulator(ABC):
     passes them only to families that were given some."""
 
     metrics: ClassVar[tuple[MetricSpec, ...]]
+    # Per-unit columns that this family adds to the per-unit table beyond the built-in ones
+    # (`saebench_poly.leaderboard.UNITS_SCHEMA`): float64 values, one per unit, that `unit_values` returns.
+    unit_columns: ClassVar[tuple[str, ...]] = ()
     needs_downstream: ClassVar[bool] = False
     Options: ClassVar[type[BaseModel]] = NoOptions
 
@@ -128,5 +131,6 @@ class Accumulator(ABC):
 
     def unit_values(self) -> dict[str, torch.Tensor | Sequence[Any]]:
         """Per-unit columns ``[width]`` for the per-unit table (none by default): tensors, or sequences (numpy or
-        pandas arrays, lists) for the columns that are strings, lists or nullable integers."""
+        pandas arrays, lists) for the columns that are strings, lists or nullable integers. Each is a built-in
+        per-unit column or one of ``unit_columns``."""
         return {}

@@ -131,15 +131,29 @@ class HookedTransformerAdapter(ModelAdapter):
         return sorted(self._widths)
 
     @cached_property
+    def _shapes(self) -> dict[str, tuple[torch.Size, torch.Size]]:
+        """The shape of every hook's activations in dry runs on 2 and on 3 tokens."""
+        caches = []
+        for n_tokens in (2, 3):
+            tokens = torch.zeros((1, n_tokens), dtype=torch.long, device=self.device)
+            with torch.no_grad():
+                caches.append(self.model.run_with_cache(tokens)[1])
+        return {name: (act.shape, caches[1][name].shape) for name, act in caches[0].items()}
+
+    @cached_property
     def _widths(self) -> dict[str, int]:
-        tokens = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            _, cache = self.model.run_with_cache(tokens)
-        return {name: int(act[0, 0].numel()) for name, act in cache.items()}
+        """The hooks whose activations are ``[batch, position, ...]`` and their widths (the product of the rest):
+        the second axis follows the number of tokens, nothing else does. Attention patterns and scores
+        (``[batch, head, query, key]``) are left out."""
+        return {name: int(two[2:].numel()) for name, (two, three) in self._shapes.items()
+                if two[1] == 2 and three[1] == 3 and two[2:] == three[2:]}
 
     def hook_width(self, hook: str) -> int:
         if hook in self._widths:
             return self._widths[hook]
+        if hook in self._shapes:
+            raise UserError(f"hook {hook!r} of model {self.model_id!r} is not [batch, position, width] activations "
+                            "(attention patterns are [batch, head, query, key]); pick another hook")
         if hook in self.model.hook_dict:
             raise UserError(f"hook {hook!r} of model {self.model_id!r} does not fire with this model's configuration")
         close = difflib.get_close_matches(hook, self.hook_names(), n=3, cutoff=0.6)
