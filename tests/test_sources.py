@@ -119,4 +119,4 @@ def test_wrong_width_and_nan_weights_are_refused(adapter, tmp_path: Path) -> Non
 
 
 def test_registry_lists_every_builtin_scheme() -> None:
-    assert SOURCES.names() == ["disk", "neurons", "pca", "random", "sae_lens"]
+    assert SOURCES.names() == ["dictionary_learning", "disk", "neurons", "pca", "random", "sae_lens", "sparsify"]

@@ -1,6 +1,8 @@
 """SAE sources: each turns a URI (``scheme:argument``) into an `Entry` to score.
 
-Built in: ``sae_lens:<release>/<sae_id>``, ``disk:<path>``, ``neurons:<hook>``, ``pca:<hook>``, ``random:<hook>``.
+Built in: ``sae_lens:<release>/<sae_id>``, ``disk:<path>`` (a sae-lens checkpoint folder), ``sparsify:<path>``
+(EleutherAI sparsify), ``dictionary_learning:<path>`` (saprmarks' dictionary_learning), ``neurons:<hook>``,
+``pca:<hook>``, ``random:<hook>``.
 Other packages add schemes through the entry-point group ``saebench_poly.sources``; a source is a callable
 ``(argument: str, context: SourceContext) -> Entry``.
 """
@@ -12,6 +14,8 @@ from saebench_poly.sources.base import BasisEntry, Entry, SAEEntry, SourceContex
 SOURCES: Registry = Registry("source scheme", entry_point_group="saebench_poly.sources")
 SOURCES.register("sae_lens", "saebench_poly.sources.sae_lens_sources:load_pretrained")
 SOURCES.register("disk", "saebench_poly.sources.sae_lens_sources:load_disk")
+SOURCES.register("sparsify", "saebench_poly.sources.sparsify_sources:load_sparsify")
+SOURCES.register("dictionary_learning", "saebench_poly.sources.dictionary_learning_sources:load_dictionary_learning")
 SOURCES.register("neurons", "saebench_poly.sources.baselines:neurons")
 SOURCES.register("pca", "saebench_poly.sources.baselines:pca")
 SOURCES.register("random", "saebench_poly.sources.baselines:random_rotation")

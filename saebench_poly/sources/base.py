@@ -295,6 +295,18 @@ class NeuronEntry(BasisEntry):
         return adapter.neuron_inputs(self.hook)
 
 
+def checkpoint_folder(argument: str, context: SourceContext, what: str) -> Path:
+    """The folder a source's argument names (``~`` expanded, relative paths against the spec's folder); a
+    `UserError` naming ``what`` when it does not exist."""
+    folder = Path(argument).expanduser()
+    folder = folder if folder.is_absolute() else context.base_dir / folder
+    if not folder.exists():
+        raise UserError(f"{what} {argument!r} does not exist (looked at {folder})")
+    if not folder.is_dir():
+        raise UserError(f"{what} {argument!r} is a file: name the checkpoint's folder")
+    return folder
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of the tensors serialised as safetensors (float32, CPU, keys sorted): stable across devices."""
     canonical = {k: tensors[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(tensors)}
@@ -309,4 +321,5 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["BasisEntry", "Entry", "NeuronEntry", "SAEEntry", "SourceContext", "file_sha256", "tensors_sha256"]
+__all__ = ["BasisEntry", "Entry", "NeuronEntry", "SAEEntry", "SourceContext", "checkpoint_folder", "file_sha256",
+           "tensors_sha256"]

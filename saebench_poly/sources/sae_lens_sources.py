@@ -14,7 +14,7 @@ import torch
 from saebench_poly.errors import UserError, first_line
 from saebench_poly.hub import is_offline_error
 from saebench_poly.sources.architectures import architecture_row
-from saebench_poly.sources.base import SAEEntry, SourceContext, file_sha256
+from saebench_poly.sources.base import SAEEntry, SourceContext, checkpoint_folder, file_sha256
 
 SAE_CONFIG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -23,10 +23,7 @@ SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 def load_disk(argument: str, context: SourceContext) -> SAEEntry:
     """A sae-lens checkpoint folder; relative paths resolve against the spec's folder. The recorded sha256 is
     that of ``sae_weights.safetensors``."""
-    folder = Path(argument).expanduser()
-    folder = folder if folder.is_absolute() else context.base_dir / folder
-    if not folder.exists():
-        raise UserError(f"SAE checkpoint {argument!r} does not exist (looked at {folder})")
+    folder = checkpoint_folder(argument, context, "SAE checkpoint")
     for name in (SAE_CONFIG_FILENAME, SAE_WEIGHTS_FILENAME):
         if not (folder / name).is_file():
             raise UserError(f"{folder} is not a sae-lens checkpoint: {name} is missing (save with SAE.save_model)")

@@ -1,0 +1,78 @@
+"""Where another trainer's hookpoint lands in the model being scored.
+
+Other trainers name the activations an SAE was trained on by a module of the Hugging Face model: sparsify by a
+module path inside the base model (``model.base_model``: ``layers.5``, ``h.5.mlp``, ``embed_tokens``), and read
+the module's output; ``layers.N`` is the output of block N (sparsify's default hookpoints are ``<the list of
+blocks>.N``, whatever the model calls that list). `module_output_hook` maps such a path to a hook of the adapter,
+one row of `MODULE_HOOKS` per model family:
+
+- ``hf``: the module itself, its path prefixed with the base model's (``transformer.h.5`` for a GPT-2 LM head
+  model); ``layers.N...`` also names the N-th entry of the base model's list of blocks (its outermost
+  ``ModuleList`` of ``config.num_hidden_layers`` blocks), e.g. ``transformer.h.N`` (GPT-2), ``encoder.layer.N``
+  (BERT).
+- ``transformer_lens``: ``<blocks>.N`` -> ``blocks.N.hook_resid_post``, ``<blocks>.N.mlp`` ->
+  ``blocks.N.hook_mlp_out``, ``<blocks>.N.self_attn`` (or ``attn``, ``attention``) -> ``blocks.N.hook_attn_out``,
+  the token embedding module (``embed_tokens``, ``wte``, ``embed_in``, ``embeddings.word_embeddings``) ->
+  ``hook_embed``; ``<blocks>`` is any of ``layers``, ``h``, ``blocks``, ``layer`` (with any prefix).
+- other families: no mapping (the spec gives the entry's hook).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from saebench_poly.models.base import ModelAdapter
+
+_TL_BLOCK = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|layer)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$")
+_TL_PARTS = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out", "attn": "hook_attn_out",
+             "attention": "hook_attn_out"}
+_TL_EMBEDDINGS = frozenset({"embed_tokens", "wte", "embed_in", "embeddings.word_embeddings"})
+_LAYERS_ALIAS = re.compile(r"^layers\.(\d+)((?:\..+)?)$")
+
+
+def _transformer_lens_hook(adapter: ModelAdapter, path: str) -> str | None:
+    if path in _TL_EMBEDDINGS:
+        return "hook_embed"
+    match = _TL_BLOCK.match(path)
+    if match is None:
+        return None
+    return f"blocks.{match.group(1)}.{_TL_PARTS[match.group(2)]}"
+
+
+def _hf_hook(adapter: ModelAdapter, path: str) -> str | None:
+    from torch import nn
+
+    model = adapter.model  # type: ignore[attr-defined]
+    modules = dict(model.named_modules())
+    base = model.base_model
+    prefix = next((name for name, module in modules.items() if module is base), "")
+    joined = f"{prefix}.{path}" if prefix else path
+    if joined in modules:
+        return joined
+    match = _LAYERS_ALIAS.match(path)
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if match is None or n_layers is None:
+        return None
+    lists = [name for name, module in base.named_modules() if isinstance(module, nn.ModuleList) and len(module) == n_layers]
+    if not lists:
+        return None
+    layer_list = min(lists, key=lambda name: name.count("."))
+    candidate = ".".join(part for part in (prefix, layer_list, match.group(1)) if part) + match.group(2)
+    return candidate if candidate in modules else None
+
+
+MODULE_HOOKS: dict[str, Callable[[ModelAdapter, str], str | None]] = {
+    "hf": _hf_hook,
+    "transformer_lens": _transformer_lens_hook,
+}
+
+
+def module_output_hook(adapter: ModelAdapter, path: str) -> str | None:
+    """The adapter's hook that reads the output of the base-model module ``path`` (the module docstring), or None
+    when this model family has no mapping or the model no such module."""
+    mapper = MODULE_HOOKS.get(adapter.family)
+    return mapper(adapter, path) if mapper else None
+
+
+__all__ = ["MODULE_HOOKS", "module_output_hook"]
