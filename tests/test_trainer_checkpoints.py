@@ -51,17 +51,21 @@ def write_sparsify(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float
     (folder / "cfg.json").write_text(json.dumps(config))
     tensors = {"encoder.weight": _randn(L, D, seed=seed), "encoder.bias": _randn(L, seed=seed + 1, scale=0.05),
                "W_dec": _randn(L, D, seed=seed + 2), "b_dec": _randn(D, seed=seed + 3, scale=0.05)}
+    if config["skip_connection"]:
+        tensors["W_skip"] = _randn(D, D, seed=seed + 4, scale=0.1)
     save_file({key: value.to(dtype) for key, value in tensors.items()}, str(folder / "sae.safetensors"))
     return {key: value.to(dtype).to(torch.float32) for key, value in tensors.items()}
 
 
-def sparsify_reference(t: dict[str, torch.Tensor], x: torch.Tensor, k: int = K) -> tuple[torch.Tensor, torch.Tensor]:
-    """sparsify's SparseCoder.encode/decode: fused_encoder = TopK(ReLU(linear(x - b_dec))), then
-    decoder_impl(indices, acts, W_dec.mT) + b_dec."""
-    pre = torch.relu(torch.nn.functional.linear(x - t["b_dec"], t["encoder.weight"], t["encoder.bias"]))
+def sparsify_reference(t: dict[str, torch.Tensor], x: torch.Tensor, k: int = K, transcode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparsify's SparseCoder.forward: encode = fused_encoder(x - b_dec (x for a transcoder)) = TopK(ReLU(linear)),
+    decode = decoder_impl(indices, acts, W_dec.mT) + b_dec, plus x @ W_skip.mT with a skip connection."""
+    pre = torch.relu(torch.nn.functional.linear(x if transcode else x - t["b_dec"], t["encoder.weight"], t["encoder.bias"]))
     values, indices = pre.topk(k, dim=-1, sorted=False)
     z = torch.zeros_like(pre).scatter_(-1, indices, values)
     x_hat = (values[..., None] * t["W_dec"][indices]).sum(dim=-2) + t["b_dec"]
+    if "W_skip" in t:
+        x_hat = x_hat + x @ t["W_skip"].mT
     return z, x_hat
 
 
@@ -75,6 +79,32 @@ def test_a_sparsify_sae_encodes_and_decodes_as_sparsify_does(adapter, tmp_path: 
     torch.testing.assert_close(entry.decode(entry.encode(_x())), x_hat, rtol=1e-5, atol=1e-5)
     assert ((entry.encode(_x()) != 0).sum(dim=1) <= K).all()
     assert len(entry.weights_sha256()) == 64
+
+
+@pytest.mark.parametrize(("transcode", "skip"), [(False, True), (True, False), (True, True)])
+def test_sparsify_skip_connections_and_transcoders_reconstruct_as_sparsify_does(adapter, tmp_path: Path, transcode: bool, skip: bool) -> None:
+    tensors = write_sparsify(tmp_path / "run" / "layers.0", transcode=transcode, skip_connection=skip)
+    entry = load_entry("sparsify:run/layers.0", _context(adapter, tmp_path))
+    hooks = ("blocks.0.hook_resid_pre", RESID0) if transcode else (RESID0, RESID0)
+    assert (entry.hook, entry.output_hook) == hooks
+    z, x_hat = sparsify_reference(tensors, _x(), transcode=transcode)
+    torch.testing.assert_close(entry.encode(_x()), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entry.reconstruct(_x(), entry.encode(_x())), x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sparsify_mlp_transcoder_reads_the_mlps_input(adapter, tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from saebench_poly.models.hf import HFModelAdapter
+
+    write_sparsify(tmp_path / "run" / "layers.0.mlp", transcode=True, skip_connection=True)
+    with pytest.raises(UserError, match="reads the input of 'layers.0.mlp', which has no hook in transformer_lens"):
+        load_entry("sparsify:run/layers.0.mlp", _context(adapter, tmp_path))
+    assert load_entry("sparsify:run/layers.0.mlp", _context(adapter, tmp_path, hook="blocks.0.hook_resid_mid")).output_hook == "blocks.0.hook_mlp_out"
+    torch.manual_seed(0)
+    gpt2 = HFModelAdapter(GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=D, n_layer=2, n_head=2, n_positions=16)), None, "gpt2")
+    entry = load_entry("sparsify:run/layers.0.mlp", _context(gpt2, tmp_path))
+    assert (entry.hook, entry.output_hook) == ("transformer.h.0.ln_2", "transformer.h.0.mlp")
 
 
 def test_a_sparsify_run_folder_picks_the_hookpoint_of_the_entrys_hook(adapter, tmp_path: Path) -> None:
@@ -101,8 +131,8 @@ def test_a_sparsify_run_is_scored_through_the_cli(tl_spec, run_cli, tmp_path: Pa
     ("change", "message"),
     [
         ({"cfg": {"activation": "groupmax"}}, "activation 'groupmax'"),
-        ({"cfg": {"transcode": True}}, "is a transcoder"),
-        ({"cfg": {"skip_connection": True}}, "skip connection"),
+        ({"cfg": {"signed": True}}, "signed TopK SAE"),
+        ({"drop": "W_skip", "cfg": {"skip_connection": True}}, r"holds \['W_dec', 'b_dec', 'encoder.bias', 'encoder.weight'\]"),
         ({"cfg": {"num_latents": 0, "expansion_factor": 2}}, r"encoder.weight has shape \[48, 16\], expected \[32, 16\]"),
         ({"transpose": "W_dec"}, r"W_dec has shape \[16, 48\], expected \[48, 16\]"),
         ({"drop": "b_dec"}, "a sparsify SAE holds exactly"),

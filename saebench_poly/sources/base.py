@@ -116,26 +116,34 @@ class Entry(ABC):
 
 class SAEEntry(Entry):
     """A sae-lens SAE of any architecture in the table (`saebench_poly.sources.architectures`), scored through its
-    own ``encode`` and ``decode``. A transcoder's ``output_hook`` is ``output_hook`` when given, else its
-    ``cfg.metadata.hook_name_out``; a `UserError` when it names none."""
+    own ``encode`` and ``decode``. A transcoder's ``output_hook`` is its ``cfg.metadata.hook_name_out`` (a
+    `UserError` when it names none). A loader that knows more than the sae-lens class says (another trainer's
+    transcoder built as a sae-lens TopK SAE) passes ``output_hook``, and ``skip_weight`` ``[d_out, d_in]`` for a
+    linear skip connection, x_hat = decode(z) + x skip_weight^T."""
 
     kind = "sae"
 
     def __init__(self, sae: Any, name: str, uri: str, hook: str, sha256: str | None = None,
-                 output_hook: str | None = None) -> None:
+                 output_hook: str | None = None, skip_weight: torch.Tensor | None = None) -> None:
         self.facts = architecture_of(sae, f"SAE {name}")
         self.sae = prepare_for_scoring(sae.eval(), self.facts)
         self.name, self.uri, self.hook = name, uri, hook
         self.architecture = self.facts.name
         self.d_in, self.width = int(sae.cfg.d_in), int(sae.cfg.d_sae)
         self._d_out = int(getattr(sae.cfg, "d_out", self.d_in))
-        self._output_hook = hook
-        if self.facts.transcoder:
-            self._output_hook = output_hook or sae.cfg.metadata.hook_name_out
+        self._output_hook = output_hook or hook
+        if self.facts.transcoder and output_hook is None:
+            self._output_hook = sae.cfg.metadata.hook_name_out
             if not self._output_hook:
                 raise UserError(f"SAE {name} is a {self.architecture}, which reconstructs another hook, but its "
                                 "cfg.json names none (metadata.hook_name_out): add it to the checkpoint")
+        self._skip_weight = skip_weight
         self._sha256 = sha256
+
+    @property
+    def skip_weight(self) -> torch.Tensor | None:
+        """``[d_out, d_in]``: the linear skip connection (sae-lens's ``W_skip`` for skip transcoders), or None."""
+        return self.sae.W_skip if self.facts.skip else self._skip_weight
 
     @property
     def output_hook(self) -> str:
@@ -152,6 +160,8 @@ class SAEEntry(Entry):
 
     def to(self, device: torch.device, dtype: torch.dtype) -> SAEEntry:
         self.sae = self.sae.to(device=device, dtype=dtype)
+        if self._skip_weight is not None:
+            self._skip_weight = self._skip_weight.to(device=device, dtype=dtype)
         return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,10 +171,12 @@ class SAEEntry(Entry):
         return self.sae.decode(z)
 
     def reconstruct(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``decode(z)``, plus ``x @ W_skip.T`` for skip transcoders (as their ``forward`` adds it)."""
+        """``decode(z)``, plus ``x @ skip_weight.T`` with a skip connection (as sae-lens's skip transcoders'
+        ``forward`` and sparsify's add it)."""
         x_hat = self.sae.decode(z)
-        if self.facts.skip:
-            x_hat = x_hat + x.to(self.sae.dtype) @ self.sae.W_skip.T
+        skip = self.skip_weight
+        if skip is not None:
+            x_hat = x_hat + x.to(self.sae.dtype) @ skip.T
         return x_hat
 
     def decoder_directions(self) -> torch.Tensor:
@@ -196,7 +208,10 @@ class SAEEntry(Entry):
 
     def weights_sha256(self) -> str:
         if self._sha256 is None:
-            self._sha256 = tensors_sha256(self.sae.state_dict())
+            tensors = dict(self.sae.state_dict())
+            if self._skip_weight is not None:
+                tensors["skip_weight"] = self._skip_weight
+            self._sha256 = tensors_sha256(tensors)
         return self._sha256
 
 

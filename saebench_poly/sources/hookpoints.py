@@ -15,6 +15,11 @@ one row of `MODULE_HOOKS` per model family:
   the token embedding module (``embed_tokens``, ``wte``, ``embed_in``, ``embeddings.word_embeddings``) ->
   ``hook_embed``; ``<blocks>`` is any of ``layers``, ``h``, ``blocks``, ``layer`` (with any prefix).
 - other families: no mapping (the spec gives the entry's hook).
+
+A transcoder reads a module's input (`module_input_hook`): for ``hf``, the module whose output is that very tensor
+(found by one dry run on two tokens: GPT-2's ``h.N.mlp`` reads ``transformer.h.N.ln_2``); for
+``transformer_lens``, ``<blocks>.N`` reads ``blocks.N.hook_resid_pre``, and a block's MLP or attention has no hook
+for its input (the LayerNorm's output after its scale and shift), so the spec must give it.
 """
 
 from __future__ import annotations
@@ -62,9 +67,55 @@ def _hf_hook(adapter: ModelAdapter, path: str) -> str | None:
     return candidate if candidate in modules else None
 
 
+def _transformer_lens_input_hook(adapter: ModelAdapter, path: str) -> str | None:
+    match = _TL_BLOCK.match(path)
+    return f"blocks.{match.group(1)}.hook_resid_pre" if match and match.group(2) is None else None
+
+
+def _hf_input_hook(adapter: ModelAdapter, path: str) -> str | None:
+    import torch
+
+    target = _hf_hook(adapter, path)
+    if target is None:
+        return None
+    model = adapter.model  # type: ignore[attr-defined]
+    modules = dict(model.named_modules())
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (first module to output it, the tensor, kept alive)
+    found: list[str | None] = []
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: object, args: object, output: object) -> None:
+            tensor = output[0] if isinstance(output, tuple) and output else output
+            if isinstance(tensor, torch.Tensor):
+                produced.setdefault(id(tensor), (name, tensor))
+        return hook
+
+    def read_input(module: object, args: tuple, kwargs: dict) -> None:
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(first, torch.Tensor) and not found:
+            producer = produced.get(id(first))
+            found.append(producer[0] if producer is not None and producer[1] is first else None)
+
+    handles = [modules[name].register_forward_hook(record(name)) for name in modules if name and name != target]
+    handles.append(modules[target].register_forward_pre_hook(read_input, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, 2), dtype=torch.long, device=adapter.device))
+    except Exception:  # noqa: BLE001 - a model that cannot run on two zero tokens has no mapping
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
 MODULE_HOOKS: dict[str, Callable[[ModelAdapter, str], str | None]] = {
     "hf": _hf_hook,
     "transformer_lens": _transformer_lens_hook,
+}
+MODULE_INPUT_HOOKS: dict[str, Callable[[ModelAdapter, str], str | None]] = {
+    "hf": _hf_input_hook,
+    "transformer_lens": _transformer_lens_input_hook,
 }
 
 
@@ -75,4 +126,11 @@ def module_output_hook(adapter: ModelAdapter, path: str) -> str | None:
     return mapper(adapter, path) if mapper else None
 
 
-__all__ = ["MODULE_HOOKS", "module_output_hook"]
+def module_input_hook(adapter: ModelAdapter, path: str) -> str | None:
+    """The adapter's hook whose activations are the input of the base-model module ``path`` (the module
+    docstring), or None when there is none."""
+    mapper = MODULE_INPUT_HOOKS.get(adapter.family)
+    return mapper(adapter, path) if mapper else None
+
+
+__all__ = ["MODULE_HOOKS", "MODULE_INPUT_HOOKS", "module_input_hook", "module_output_hook"]

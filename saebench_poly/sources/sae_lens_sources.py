@@ -82,17 +82,18 @@ def load_pretrained(argument: str, context: SourceContext) -> SAEEntry:
 
 
 def checked_entry(sae: Any, name: str, uri: str, context: SourceContext, sha256: str | None,
-                  hook: str | None = None) -> SAEEntry:
+                  hook: str | None = None, output_hook: str | None = None,
+                  skip_weight: torch.Tensor | None = None) -> SAEEntry:
     """The `SAEEntry` of a loaded sae-lens SAE, after the checks every source shares: a hook (the spec's, else
     ``hook``, else the checkpoint's ``metadata.hook_name``, else the spec's only hook) whose width is d_in, an output
-    hook of width d_out for transcoders, and finite weights."""
+    hook of width d_out for transcoders, and finite weights. ``output_hook`` and ``skip_weight``: see `SAEEntry`."""
     hook = context.hook or hook or sae.cfg.metadata.hook_name or context.default_hook
     if hook is None:
         raise UserError(f"SAE {name} names no hook (cfg.json metadata.hook_name): give the entry a hook in the spec")
     for param_name, param in sae.named_parameters():
         if not torch.isfinite(param).all():
             raise UserError(f"SAE {name} has non-finite values (NaN or inf) in {param_name}: the checkpoint is broken")
-    entry = SAEEntry(sae, name=name, uri=uri, hook=hook, sha256=sha256)
+    entry = SAEEntry(sae, name=name, uri=uri, hook=hook, sha256=sha256, output_hook=output_hook, skip_weight=skip_weight)
     for which, entry_hook, size in (("d_in", entry.hook, entry.d_in), ("d_out", entry.output_hook, entry.d_out)):
         width = context.adapter.hook_width(entry_hook)
         if size != width:

@@ -10,13 +10,16 @@ in the spec, or the only one.
 sparsify encodes ``z = TopK_k(ReLU(encoder(x - b_dec)))`` and decodes ``x_hat = z W_dec + b_dec``: exactly a sae-lens
 TopK SAE (``W_enc = encoder.weight^T``, ``b_enc = encoder.bias``, ``W_dec`` as stored, ``apply_b_dec_to_input``),
 which is what is built, so everything downstream is unchanged. (``multi_topk`` and ``normalize_decoder`` change
-only the training loss and updates.) Refused with one line: ``activation = "groupmax"``, transcoders
-(``transcode``: they read a module's input, which the adapters do not hook) and skip connections (no sae-lens
-TopK class has one).
+only the training loss and updates.) With ``skip_connection`` the reconstruction adds ``x W_skip^T`` of the raw
+input, as sparsify's ``forward`` does. A transcoder (``transcode``) does not subtract ``b_dec`` from its input
+(``apply_b_dec_to_input = false``), reads the hookpoint module's input and reconstructs its output: it is scored
+against the output, spliced there. Refused with one line: ``activation = "groupmax"`` (no sae-lens class computes
+it).
 
-The hook: the entry's hook in the spec, else the hookpoint (the folder's name) mapped to the model's hooks by
-`saebench_poly.sources.hookpoints` (``layers.N`` is the output of block N: ``blocks.N.hook_resid_post`` in
-transformer-lens). The recorded sha256 is that of ``sae.safetensors``.
+The hooks: the hookpoint (the folder's name) mapped to the model's hooks by `saebench_poly.sources.hookpoints`
+(``layers.N`` is the output of block N: ``blocks.N.hook_resid_post`` in transformer-lens); the entry's hook in the
+spec replaces the input hook (for a transcoder on transformer-lens, whose MLP input has no hook, it must be given).
+The recorded sha256 is that of ``sae.safetensors``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 from saebench_poly.errors import UserError, first_line
 from saebench_poly.sources.base import SAEEntry, SourceContext, checkpoint_folder, file_sha256
-from saebench_poly.sources.hookpoints import module_output_hook
+from saebench_poly.sources.hookpoints import module_input_hook, module_output_hook
 from saebench_poly.sources.sae_lens_sources import checked_entry
 
 CONFIG_FILENAME = "cfg.json"
@@ -49,11 +52,20 @@ def load_sparsify(argument: str, context: SourceContext) -> SAEEntry:
             raise UserError(f"{folder} is not a sparsify checkpoint: {filename} is missing")
     hookpoint = _hookpoint(folder)
     cfg = _read_config(folder)
-    sae = _topk_sae(folder, cfg)
-    hook = context.hook or _hook_of(hookpoint, folder, context)
+    sae, skip_weight = _topk_sae(folder, cfg)
+    output_hook = None
+    if cfg.get("transcode", False):
+        output_hook = _hook_of(hookpoint, folder, context)
+        hook = context.hook or module_input_hook(context.adapter, hookpoint)
+        if hook is None:
+            raise UserError(f"sparsify transcoder {name} reads the input of {hookpoint!r}, which has no hook in "
+                            f"{context.adapter.family} model {context.adapter.model_id!r}: give the entry a hook")
+    else:
+        hook = context.hook or _hook_of(hookpoint, folder, context)
     sae.cfg.metadata.hook_name = hook
     return checked_entry(sae, name=name, uri=f"sparsify:{argument}", context=context,
-                         sha256=file_sha256(folder / WEIGHTS_FILENAME), hook=hook)
+                         sha256=file_sha256(folder / WEIGHTS_FILENAME), hook=hook, output_hook=output_hook,
+                         skip_weight=skip_weight)
 
 
 def _hookpoint(folder: Path) -> str:
@@ -98,11 +110,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
             raise UserError(f"{path} needs {key} as a positive integer (got {cfg.get(key)!r})")
     if cfg.get("activation", "topk") != "topk":
         raise UserError(f"{path} has activation {cfg['activation']!r}: only sparsify's topk SAEs can be scored")
-    for key, what in (("transcode", "a transcoder (it reads a module's input, which the adapters do not hook)"),
-                      ("skip_connection", "an SAE with a skip connection (W_skip), which no sae-lens TopK SAE has"),
-                      ("signed", "a signed TopK SAE")):
-        if cfg.get(key, False):
-            raise UserError(f"{path} is {what}: not supported; only plain sparsify TopK SAEs can be scored")
+    if cfg.get("signed", False):
+        raise UserError(f"{path} is a signed TopK SAE: not supported")
     latents = cfg.get("num_latents") or cfg["d_in"] * cfg.get("expansion_factor", 32)
     if not isinstance(latents, int) or latents < cfg["k"]:
         raise UserError(f"{path}: num_latents {latents!r} must be an integer >= k = {cfg['k']}")
@@ -110,7 +119,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _topk_sae(folder: Path, cfg: dict[str, Any]) -> Any:
+def _topk_sae(folder: Path, cfg: dict[str, Any]) -> tuple[Any, torch.Tensor | None]:
+    """The sae-lens TopK SAE and the skip connection's ``W_skip`` (None without one)."""
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -122,17 +132,21 @@ def _topk_sae(folder: Path, cfg: dict[str, Any]) -> Any:
         raise UserError(f"{path} is not a readable safetensors file: {first_line(err)}") from None
     d, latents = cfg["d_in"], cfg["num_latents"]
     expected = {"encoder.weight": (latents, d), "encoder.bias": (latents,), "W_dec": (latents, d), "b_dec": (d,)}
+    if cfg.get("skip_connection", False):
+        expected["W_skip"] = (d, d)
     if set(tensors) != set(expected):
         raise UserError(f"{path} holds {sorted(tensors)}; a sparsify SAE holds exactly {sorted(expected)}")
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise UserError(f"{path}: {key} has shape {list(tensors[key].shape)}, expected {list(shape)} "
                             f"(d_in={d}, num_latents={latents} in {CONFIG_FILENAME})")
-    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=latents, k=cfg["k"], apply_b_dec_to_input=True, dtype="float32"))
+    subtract_b_dec = not cfg.get("transcode", False)
+    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=latents, k=cfg["k"], apply_b_dec_to_input=subtract_b_dec, dtype="float32"))
     state = {"W_enc": tensors["encoder.weight"].T, "b_enc": tensors["encoder.bias"], "W_dec": tensors["W_dec"],
              "b_dec": tensors["b_dec"]}
     sae.load_state_dict({key: value.to(torch.float32).contiguous() for key, value in state.items()})
-    return sae
+    skip = tensors.get("W_skip")
+    return sae, None if skip is None else skip.to(torch.float32).contiguous()
 
 
 __all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "load_sparsify"]
