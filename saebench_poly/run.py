@@ -30,8 +30,10 @@ from saebench_poly.example_windows import stored_examples
 from saebench_poly.inputs import Inputs
 from saebench_poly.metrics import build_accumulator, resolve_metric_options, resolve_metrics
 from saebench_poly.models import MODEL_LOADERS, ModelAdapter
+from saebench_poly.models.hooked import normalized_kwargs
 from saebench_poly.provenance import git_commit, package_versions
-from saebench_poly.sources import Entry, SourceContext, load_entry
+from saebench_poly.sources import Entry, SAEEntry, SourceContext, load_entry
+from saebench_poly.sources.sae_lens_sources import recorded_model_kwargs
 from saebench_poly.spec import BenchmarkSpec, LoadedSpec, TrainedSAESpec
 from saebench_poly.stored_examples import DEFAULT_MEMBERS
 from saebench_poly.training import train_sae
@@ -91,6 +93,7 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
     metrics = resolve_metrics(spec.metrics)
     _check_unit_columns({accumulator for _, accumulator in metrics.values()})
     metric_options = resolve_metric_options(spec.metric_options)
+    kwargs_chosen = _resolve_model_kwargs(loaded, reporter)
     reporter.message(f"{spec.name}: loading the {spec.model.loader} model on {device}")
     adapter: ModelAdapter = MODEL_LOADERS.get(spec.model.loader)(spec.model, device, dtype)
     for hook in spec.hooks:
@@ -101,6 +104,8 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
     for trained in spec.train:
         _ensure_trained(trained, loaded, adapter, inputs, reporter)
     entries = _load_entries(loaded, adapter, device, dtype)
+    if not kwargs_chosen:
+        _check_model_kwargs(loaded, entries)
     _check_metrics_apply(spec, metrics, entries, adapter, reporter)
 
     to_fit = [entry.name for entry in entries if entry.needs_fit]
@@ -128,6 +133,50 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
     if write:
         leaderboard.replace_spec_rows(output, spec.name, rows, units, settings=spec.settings(), examples=stored)
     return RunResult(rows=rows, units=units, output=output, tokens_scored=tokens, examples=stored)
+
+
+def _resolve_model_kwargs(loaded: LoadedSpec, reporter: Reporter) -> bool:
+    """A transformer-lens model loads as the spec's SAEs were trained on it: ``[model.options]
+    model_from_pretrained_kwargs`` when the spec sets it, else the kwargs its entries record (which must agree; a
+    `UserError` naming two that differ), else none. The result is written into the spec's model options, so the
+    spec hash records it. Returns whether the spec chose."""
+    spec = loaded.spec
+    if spec.model.loader != "transformer_lens":
+        return True
+    recorded = {item.name or item.uri: normalized_kwargs(kwargs) for item in spec.entries
+                if (kwargs := recorded_model_kwargs(item.uri, loaded.base_dir)) is not None}
+    given = spec.model.options.get("model_from_pretrained_kwargs")
+    if given is None:
+        distinct = {json.dumps(kwargs, sort_keys=True, default=str): name for name, kwargs in recorded.items()}
+        if len(distinct) > 1:
+            (first, a), (second, b) = list(distinct.items())[:2]
+            raise UserError(f"the SAEs were trained on differently loaded models: {a} with model_from_pretrained_kwargs "
+                            f"{first}, {b} with {second}; score them in separate specs, or choose in [model.options] "
+                            "model_from_pretrained_kwargs")
+        given = next(iter(recorded.values()), {})
+    else:
+        for name, kwargs in recorded.items():
+            if kwargs != normalized_kwargs(given):
+                reporter.message(f"{name} was trained with model_from_pretrained_kwargs {kwargs}; it is scored on the "
+                                 f"model loaded with the spec's {normalized_kwargs(given)}")
+    chosen = "model_from_pretrained_kwargs" in spec.model.options
+    spec.model.options = {**spec.model.options, "model_from_pretrained_kwargs": normalized_kwargs(given)}
+    return chosen
+
+
+def _check_model_kwargs(loaded: LoadedSpec, entries: list[Entry]) -> None:
+    """The loaded SAEs of the spec's entries record the kwargs their model was loaded with (a release's SAE may
+    record them only in its downloaded config): a `UserError` when they differ from those the model was loaded
+    with (called when the spec did not choose)."""
+    spec = loaded.spec
+    used = spec.model.options["model_from_pretrained_kwargs"]
+    for entry in entries:
+        if entry.uri in {item.uri for item in spec.entries} and isinstance(entry, SAEEntry):
+            kwargs = normalized_kwargs(entry.sae.cfg.metadata.model_from_pretrained_kwargs)
+            if kwargs != used:
+                raise UserError(f"SAE {entry.name} was trained on the model loaded with model_from_pretrained_kwargs "
+                                f"{kwargs}, the others with {used}; score them in separate specs, or choose in "
+                                "[model.options] model_from_pretrained_kwargs")
 
 
 def _check_metrics_apply(spec: BenchmarkSpec, metrics: dict, entries: list[Entry], adapter: ModelAdapter,

@@ -1,7 +1,14 @@
 """transformer-lens `HookedTransformer` models: from the hub by name, or from a local folder.
 
 A local folder holds ``config.json`` (the `HookedTransformerConfig` fields) and ``model.safetensors`` (the state
-dict), plus optionally a Hugging Face tokenizer's files; `save_hooked_transformer` writes one. Hooks are
+dict), plus optionally a Hugging Face tokenizer's files; `save_hooked_transformer` writes one.
+
+Models load the way sae-lens trains SAEs on them (and SAEBench evaluates them): without weight processing
+(`HookedTransformer.from_pretrained_no_processing`, not ``from_pretrained``, whose folding and centring change the
+activations at most hooks), plus the option ``model_from_pretrained_kwargs`` (an SAE's
+``cfg.metadata.model_from_pretrained_kwargs``, e.g. ``{center_writing_weights = true}``; `saebench_poly.run`
+fills it from the spec's SAEs). A local folder's weights are used as saved, processed only by the flags of
+`PROCESSING_FLAGS` that those kwargs set. Hooks are
 transformer-lens hook names (``blocks.0.mlp.hook_post``); activations with a head axis (``attn.hook_z``) are
 flattened to ``[batch, positions, heads * d_head]`` as sae-lens does for its ``hook_z`` SAEs.
 """
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from saebench_poly.errors import UserError, first_line
@@ -35,6 +43,25 @@ from saebench_poly.models.base import (
 
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 _MLP_NEURON_HOOK = re.compile(r"^blocks\.(\d+)\.mlp\.hook_(pre|post)$")
+_POS_EMBED_HOOK = "hook_pos_embed"
+# The weight processing of `HookedTransformer.from_pretrained` that `from_pretrained_no_processing` turns off.
+PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                    "refactor_factored_attn_matrices")
+
+
+class TransformerLensOptions(BaseModel):
+    """Options of the ``transformer_lens`` loader: ``model_from_pretrained_kwargs``, passed to
+    `HookedTransformer.from_pretrained_no_processing` (a local folder takes the `PROCESSING_FLAGS` only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_from_pretrained_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+def normalized_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``kwargs`` in name order, without the processing flags that are False (``from_pretrained_no_processing``'s
+    defaults): two loads of the same model compare equal exactly when their normalised kwargs do."""
+    return {key: value for key, value in sorted((kwargs or {}).items()) if not (key in PROCESSING_FLAGS and value is False)}
 
 
 def save_hooked_transformer(model: Any, folder: str | Path) -> Path:
@@ -49,7 +76,7 @@ def save_hooked_transformer(model: Any, folder: str | Path) -> Path:
     return folder
 
 
-def _load_local(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
+def _load_local(folder: Path, device: torch.device, dtype: torch.dtype, kwargs: dict[str, Any] | None = None) -> Any:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     config_path, weights_path = model_folder_files(folder, "a transformer-lens model")
@@ -79,6 +106,13 @@ def _load_local(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
         raise UserError(
             f"{weights_path} does not match {config_path}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
+    kwargs = normalized_kwargs(kwargs)
+    others = sorted(set(kwargs) - set(PROCESSING_FLAGS))
+    if others:
+        raise UserError(f"model_from_pretrained_kwargs {others} do not apply to a local model folder ({folder}); it "
+                        f"takes {', '.join(PROCESSING_FLAGS)}")
+    if kwargs:
+        model.load_and_process_state_dict(model.state_dict(), **{flag: bool(kwargs.get(flag)) for flag in PROCESSING_FLAGS})
     return model.to(dtype, print_details=False).to(device, print_details=False)
 
 
@@ -94,11 +128,13 @@ def _local_tokenizer(folder: Path) -> Any:
                         "(saebench-poly never runs a tokenizer's own code)") from None
 
 
-def _load_from_hub(name: str, revision: str | None, device: torch.device, dtype: torch.dtype) -> Any:
+def _load_from_hub(name: str, revision: str | None, device: torch.device, dtype: torch.dtype,
+                   kwargs: dict[str, Any]) -> Any:
     from transformer_lens import HookedTransformer
 
     try:
-        return HookedTransformer.from_pretrained(name, revision=revision, device=str(device), dtype=dtype)
+        return HookedTransformer.from_pretrained_no_processing(name, revision=revision, device=str(device), dtype=dtype,
+                                                               **kwargs)
     except Exception as err:  # noqa: BLE001 - the hub stack raises many types; all mean "could not fetch"
         if is_offline_error(err):
             raise UserError(
@@ -110,7 +146,8 @@ def _load_from_hub(name: str, revision: str | None, device: torch.device, dtype:
 
 class HookedTransformerAdapter(ModelAdapter):
     """A transformer-lens model. Splicing restarts at the hook's block from the cached ``hook_resid_pre``
-    (``start_at_layer``), so a reconstruction's downstream cost re-runs only the layers at and after it."""
+    (``start_at_layer``, with the cached positional embedding for shortformer models), so a reconstruction's
+    downstream cost re-runs only the layers at and after it."""
 
     family = "transformer_lens"
     supports_downstream = True
@@ -212,6 +249,10 @@ class HookedTransformerAdapter(ModelAdapter):
 
     def forward(self, batch: Batch, hooks: Sequence[str], logits: bool = True) -> ForwardOutput:
         resume_hooks = {self._resume_hook(h) for h in hooks} - {None}
+        if resume_hooks and self.model.cfg.positional_embedding_type == "shortformer":
+            # shortformer models add the positional embedding to each block's attention input, not to the
+            # residual stream: a forward restarted part-way needs it given again
+            resume_hooks.add(_POS_EMBED_HOOK)
         names = sorted(set(hooks) | resume_hooks)
         blocks = [int(m.group(1)) for m in map(_BLOCK_HOOK.match, hooks) if m]
         stop = max(blocks) + 1 if not logits and len(blocks) == len(hooks) else None
@@ -233,7 +274,8 @@ class HookedTransformerAdapter(ModelAdapter):
                 return self.model.run_with_hooks(batch.inputs, fwd_hooks=[(hook, replace)])
             layer = int(_BLOCK_HOOK.match(hook).group(1))  # type: ignore[union-attr]
             return self.model.run_with_hooks(
-                clean.resume[start_hook], start_at_layer=layer, tokens=batch.inputs, fwd_hooks=[(hook, replace)]
+                clean.resume[start_hook], start_at_layer=layer, tokens=batch.inputs, fwd_hooks=[(hook, replace)],
+                shortformer_pos_embed=clean.resume.get(_POS_EMBED_HOOK),
             )
 
     @staticmethod
@@ -250,12 +292,20 @@ def _flatten_heads(act: torch.Tensor) -> torch.Tensor:
 
 
 def load_hooked_transformer(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> HookedTransformerAdapter:
-    """A transformer-lens model from a local folder (``config.json`` + ``model.safetensors``) or the hub."""
-    if cfg.options:
-        raise UserError(f"the transformer_lens model loader takes no options (got {sorted(cfg.options)})")
+    """A transformer-lens model from a local folder (``config.json`` + ``model.safetensors``) or the hub, without
+    weight processing beyond what ``options.model_from_pretrained_kwargs`` asks for (module docstring)."""
+    try:
+        options = TransformerLensOptions.model_validate(cfg.options)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise UserError(f"transformer_lens model option {where!r}: {problem['msg']} "
+                        "(known options: model_from_pretrained_kwargs)") from None
+    kwargs = normalized_kwargs(options.model_from_pretrained_kwargs)
     folder = Path(cfg.name)
     if folder.is_dir():
-        return HookedTransformerAdapter(_load_local(folder, device, dtype), model_id=folder.name, revision=cfg.revision)
+        model = _load_local(folder, device, dtype, kwargs)
+        return HookedTransformerAdapter(model, model_id=folder.name, revision=cfg.revision)
     if folder.is_absolute() or cfg.name.startswith("."):
         raise UserError(f"model folder {cfg.name} does not exist")
-    return HookedTransformerAdapter(_load_from_hub(cfg.name, cfg.revision, device, dtype), cfg.name, cfg.revision)
+    return HookedTransformerAdapter(_load_from_hub(cfg.name, cfg.revision, device, dtype, kwargs), cfg.name, cfg.revision)

@@ -102,3 +102,28 @@ def checked_entry(sae: Any, name: str, uri: str, context: SourceContext, sha256:
                 f"{width}: it was trained on another hook or model"
             )
     return entry.to(context.device, context.dtype)
+
+
+def recorded_model_kwargs(uri: str, base_dir: Path) -> dict[str, Any] | None:
+    """The ``model_from_pretrained_kwargs`` that the sae-lens SAE at ``uri`` records it was trained with (how
+    transformer-lens loaded the model), read before the model loads: a ``disk:`` folder's ``cfg.json``
+    (``metadata.model_from_pretrained_kwargs``, or the older top-level key), a ``sae_lens:`` release's
+    ``config_overrides``. None when it records none, or ``uri`` is not a sae-lens SAE (its loader reports any
+    problem with it later)."""
+    scheme, _, argument = uri.partition(":")
+    if scheme == "disk":
+        folder = Path(argument).expanduser()
+        try:
+            cfg = json.loads(((folder if folder.is_absolute() else base_dir / folder) / SAE_CONFIG_FILENAME).read_text())
+        except (OSError, ValueError):
+            return None
+        metadata = cfg.get("metadata") if isinstance(cfg, dict) else None
+        found = (metadata or {}).get("model_from_pretrained_kwargs", cfg.get("model_from_pretrained_kwargs"))
+        return found if isinstance(found, dict) else None
+    if scheme == "sae_lens":
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        release = get_pretrained_saes_directory().get(argument.partition("/")[0])
+        found = ((release.config_overrides or {}) if release is not None else {}).get("model_from_pretrained_kwargs")
+        return found if isinstance(found, dict) else None
+    return None
