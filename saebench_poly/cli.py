@@ -77,6 +77,7 @@ def run(
     tokens: Annotated[int | None, typer.Option(help="Tokens to score (changes the spec hash).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Contexts (or samples) per batch; results do not depend on it.")] = None,
     output: Annotated[Path | None, typer.Option(help="Leaderboard file to write instead of the spec's.")] = None,
+    examples: Annotated[int, typer.Option(min=0, help="Members stored per behaviour besides its central example (the report's text).")] = 5,
 ) -> None:
     """Score every entry of a spec and the raw neurons in one pass; write the Parquet leaderboard."""
     from saebench_poly.run import run_benchmark
@@ -86,9 +87,10 @@ def run(
     overrides = {"device": device, "dtype": dtype, "tokens": tokens, "batch_size": batch_size,
                  "output": str(output.resolve()) if output else None}
     loaded = with_overrides(loaded, {k: v for k, v in overrides.items() if v is not None})
-    result = run_benchmark(loaded, RichReporter(err_console))
+    result = run_benchmark(loaded, RichReporter(err_console), examples=examples)
     out_console.print(summary_table(result.rows, f"{loaded.spec.name}: {result.tokens_scored:,} tokens scored"))
-    out_console.print(printable(f"wrote {result.output} and {result.output.name.removesuffix('.parquet')}.units.parquet"))
+    stem = result.output.name.removesuffix(".parquet")
+    out_console.print(printable(f"wrote {result.output}, {stem}.units.parquet and {stem}.examples.parquet"))
     out_console.print(printable(f"see why: saebench-poly report {result.output}"))
 
 
@@ -277,7 +279,7 @@ def check(
 def report(
     leaderboard: Annotated[Path, typer.Argument(help="Leaderboard file (leaderboards/<name>.parquet).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="HTML file to write (default: the leaderboard's name with .html).")] = None,
-    max_units: Annotated[int, typer.Option(min=1, help="Units per entry whose values and examples go into the page.")] = 1000,
+    max_units: Annotated[int, typer.Option(min=1, help="Units per entry whose values and examples go into the page.")] = 500,
 ) -> None:
     """Write one self-contained HTML report (opens offline): the table, the frontiers, the behaviours and a unit explorer."""
     from saebench_poly.report import build_report

@@ -89,20 +89,6 @@ def token_kind(adapter: ModelAdapter, batch: Batch) -> str:
     return "features"
 
 
-class _TokenText:
-    """Token strings, each id decoded on its own and cached."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer, self.cache = tokenizer, {}
-
-    def __call__(self, ids: list[int]) -> list[str]:
-        missing = [i for i in dict.fromkeys(ids) if i not in self.cache]
-        if missing:
-            decoded = self.tokenizer.batch_decode([[i] for i in missing]) if self.tokenizer is not None else [str(i) for i in missing]
-            self.cache.update(zip(missing, decoded, strict=True))
-        return [self.cache[i] for i in ids]
-
-
 def _features_text(values: torch.Tensor) -> str:
     nonzero = values.nonzero(as_tuple=True)[0].tolist()
     return " ".join(f"f{i}={float(values[i]):.3g}" for i in nonzero) or "(no feature active)"
@@ -117,20 +103,19 @@ def read_windows(entries: Sequence[Entry], members: Sequence[StoredMembers], con
     hooks = sorted({entry.hook for entry, m in zip(entries, members, strict=True) if len(m)})
     # each entry's rows by context, so that a batch (a run of the union, in increasing order) takes a slice of them
     by_context = [torch.argsort(m.context, stable=True) for m in members]
-    windows: list[dict[int, tuple]] = [{} for _ in entries]
-    kind, text = None, None
+    # per entry, per batch: the rows filled, their window starts and lengths, codes and ids [rows, window]
+    parts: list[list[tuple]] = [[] for _ in entries]
+    kind, features = None, {}
     span = torch.arange(WINDOW_BEFORE + WINDOW_AFTER + 1)
     with torch.no_grad():
         for indices, batch in contexts(union):
             indices = indices.cpu()
-            if kind is None:
-                kind = token_kind(adapter, batch)
-                text = _TokenText(getattr(adapter, "tokenizer", None))
+            kind = kind or token_kind(adapter, batch)
             batch = batch.to(adapter.device)
             activations = adapter.forward(batch, hooks, logits=False).activations
             positions = batch.score_mask.shape[1]
             inputs = batch.inputs.cpu()
-            for entry, chosen, order, out in zip(entries, members, by_context, windows, strict=True):
+            for entry, chosen, order, out in zip(entries, members, by_context, parts, strict=True):
                 sorted_contexts = chosen.context[order]
                 lo = int(torch.searchsorted(sorted_contexts, indices[0]))
                 hi = int(torch.searchsorted(sorted_contexts, indices[-1], right=True))
@@ -146,30 +131,48 @@ def read_windows(entries: Sequence[Entry], members: Sequence[StoredMembers], con
                 length = (peak + WINDOW_AFTER).clamp_max(positions - 1) - start + 1
                 where = (start[:, None] + span).clamp_max(positions - 1)
                 values = z[local[:, None].to(z.device), where.to(z.device), chosen.unit[rows, None].to(z.device)]
-                values = values.to(torch.float32).cpu().tolist()
-                ids = inputs[needed[local][:, None], where].tolist() if kind != "features" else None
-                for i, (row, n) in enumerate(zip(rows.tolist(), length.tolist(), strict=True)):
-                    if kind == "features":
-                        window_ids, tokens = None, [_features_text(inputs[int(needed[local[i]])])]
-                    else:
-                        window_ids = ids[i][:n]
-                        tokens = text(window_ids)
-                    out[row] = (int(start[i]), window_ids, tokens, values[i][:n])
+                if kind == "features":
+                    ids = None
+                    for context, sample in zip(chosen.context[rows].tolist(), inputs[needed[local]], strict=True):
+                        features.setdefault(context, _features_text(sample))
+                else:
+                    ids = inputs[needed[local][:, None], where]
+                out.append((rows, start, length, values.to(torch.float32).cpu(), ids))
             if progress:
                 progress(indices.numel())
-    frames = []
-    for chosen, out in zip(members, windows, strict=True):
-        if len(out) != len(chosen):
-            raise RuntimeError(f"the scored contexts gave {len(out)} of the {len(chosen)} stored examples' windows")
-        ordered = [out[row] for row in range(len(chosen))]
-        frames.append(pd.DataFrame({
-            "unit": chosen.unit.numpy(), "behaviour": chosen.behaviour.numpy(), "behaviour_size": chosen.behaviour_size.numpy(),
-            "rank": chosen.rank.numpy(), "central": (chosen.rank == 0).numpy(), "context": chosen.context.numpy(),
-            "position": chosen.position.numpy(), "window_start": np.asarray([w[0] for w in ordered], dtype=np.int64),
-            "token_kind": np.full(len(chosen), kind or "", dtype=object),
-            "token_ids": [w[1] for w in ordered], "tokens": [w[2] for w in ordered], "activations": [w[3] for w in ordered],
-        }))
-    return frames
+    return [_frame(chosen, out, kind, features, getattr(adapter, "tokenizer", None)) for chosen, out in zip(members, parts, strict=True)]
+
+
+def _frame(chosen: StoredMembers, parts: list[tuple], kind: str | None, features: dict[int, str], tokenizer: Any) -> pd.DataFrame:
+    """One entry's rows, in the order of ``chosen``, from the pieces `read_windows` gathered batch by batch."""
+    filled = sum(part[0].numel() for part in parts)
+    if filled != len(chosen):
+        raise RuntimeError(f"the scored contexts gave {filled} of the {len(chosen)} stored examples' windows")
+    frame = pd.DataFrame({
+        "unit": chosen.unit.numpy(), "behaviour": chosen.behaviour.numpy(), "behaviour_size": chosen.behaviour_size.numpy(),
+        "rank": chosen.rank.numpy(), "central": (chosen.rank == 0).numpy(), "context": chosen.context.numpy(),
+        "position": chosen.position.numpy(), "token_kind": np.full(len(chosen), kind or "", dtype=object),
+    })
+    if not parts:
+        return frame.assign(window_start=np.zeros(0, np.int64), token_ids=[], tokens=[], activations=[])
+    rows, start, length, values = (torch.cat([part[i] for part in parts]) for i in range(4))
+    order = torch.argsort(rows)
+    start, length, values = start[order].numpy(), length[order].numpy(), values[order]
+    keep = (torch.arange(values.shape[1])[None, :] < torch.as_tensor(length)[:, None]).numpy()
+    cut = np.cumsum(length)[:-1]
+    frame["window_start"] = start
+    frame["activations"] = np.split(values.numpy()[keep], cut)
+    if kind == "features":
+        frame["token_ids"] = None
+        frame["tokens"] = [[features[c]] for c in frame["context"]]
+        return frame
+    ids = torch.cat([part[4] for part in parts])[order].numpy()[keep]
+    distinct, inverse = np.unique(ids, return_inverse=True)
+    decoded = (tokenizer.batch_decode([[int(i)] for i in distinct]) if tokenizer is not None
+               else [str(int(i)) for i in distinct])
+    frame["token_ids"] = np.split(ids, cut)
+    frame["tokens"] = np.split(np.asarray(decoded, dtype=object)[inverse], cut)
+    return frame
 
 
 def stored_examples(scored: Sequence[ScoredEntry], contexts: ScoredContexts, adapter: ModelAdapter, more: int,

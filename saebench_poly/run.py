@@ -40,6 +40,8 @@ from saebench_poly.training import train_sae
 from saebench_poly.usertext import check_entry_name
 
 TRAINING_RECORD = "training.json"
+# The reporter task of the stored examples' re-run (benchmarks/perf/bench_polysemanticity.py times it by this name).
+STORED_EXAMPLES_TASK = "stored examples"
 
 
 class Reporter:
@@ -125,7 +127,7 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
         tokens = score(adapter, scored, inputs.batches("score"), advance)
     with reporter.task("characteristic examples", sum(len(item.accumulators) for item in scored)) as advance:
         revisit(scored, inputs.scored_contexts, advance)
-    with reporter.task("stored examples (contexts read again)", None) as advance:
+    with reporter.task(STORED_EXAMPLES_TASK, None) as advance:
         windows = stored_examples(scored, inputs.scored_contexts, adapter, examples, advance)
 
     rows, units, stored = _records(loaded, adapter, inputs, scored, metrics, tokens, device, windows)

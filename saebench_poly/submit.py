@@ -12,7 +12,7 @@ rename), so concurrent submits lose no row and a crash leaves BOARD as it was be
 - Its reference entries (raw neurons, PCA, random rotations) are added only where BOARD has no entry of that name
   under the same spec hash: BOARD's own baselines stand.
 - Added entries keep their own run's provenance on every row, and are marked submitted, so that running BOARD's
-  spec again keeps them.
+  spec again keeps them. Their per-unit rows and stored examples (the tables beside RESULTS) come with them.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import pandas as pd
 from saebench_poly import leaderboard
 from saebench_poly.errors import UserError
 from saebench_poly.integrity import FileProvenance
-from saebench_poly.leaderboard import Contents, entry_keys
+from saebench_poly.leaderboard import EXAMPLES_SCHEMA, Contents, entry_keys, read_table
 from saebench_poly.ranking import standing
 from saebench_poly.results import REFERENCE_KINDS, Results, read_results, settings_differences, validate
+from saebench_poly.stored_examples import examples_path
 
 
 @dataclass
@@ -53,6 +54,8 @@ def submit(results_path: str | Path, leaderboard_path: str | Path, replace: bool
     if not board.is_file():
         raise UserError(f"there is no leaderboard at {board}: create it by running its spec (saebench-poly run SPEC --output {board})")
     outcome: dict[str, list[str]] = {}
+    examples_file = examples_path(Path(results_path))
+    examples = read_table(examples_file, EXAMPLES_SCHEMA) if examples_file.is_file() else None
 
     def change(old: Contents) -> Contents:
         added, dropped, outcome["replaced"], outcome["skipped"] = _plan(results, old, board, replace)
@@ -65,7 +68,11 @@ def submit(results_path: str | Path, leaderboard_path: str | Path, replace: bool
             submitted=added,
         ))
         outcome["added"] = [k for k in results.keys if k in added]
-        return Contents(leaderboard.concat(old.rows[keep], new.rows), leaderboard.concat(old.units[keep_units], new.units), provenance)
+        stored = old.examples
+        if examples is not None and len(examples):
+            stored = leaderboard.concat(old.examples, examples[entry_keys(examples).isin(added)])
+        return Contents(leaderboard.concat(old.rows[keep], new.rows), leaderboard.concat(old.units[keep_units], new.units),
+                        provenance, stored)
 
     written = leaderboard.update(board, change)
     kinds = dict(zip(entry_keys(written.rows), written.rows["entry_kind"], strict=True))

@@ -91,6 +91,11 @@ def test_the_embedded_default_runs_and_saes_beat_neurons_at_finding_true_feature
     assert wide.loc["topk-2", "l0"] <= 2 and wide.loc["topk-4", "l0"] <= 4
     assert wide.loc["l1-0.3", "mean_max_cosine"] > wide.loc["neurons:hidden", "mean_max_cosine"] + 0.1
     assert wide.loc["neurons:hidden", "fvu"] == 0
+    # a toy model's sample is no text: its one "token" lists its nonzero features, and the code at it is the peak's
+    examples = pd.read_parquet(tmp_path / "toy.examples.parquet")
+    assert set(examples["token_kind"]) == {"features"} and examples["token_ids"].isna().all()
+    assert examples["tokens"].map(lambda t: len(t) == 1 and t[0].startswith("f")).all()
+    assert (examples["window_start"] == 0).all() and (examples["activations"].map(len) == 1).all()
 
 
 def test_hooks_lists_the_models_hooks_with_their_widths(tl_spec, run_cli) -> None:

@@ -130,3 +130,20 @@ def test_a_tokenizer_gives_token_strings_and_running_again_replaces_the_rows(tl_
     run_benchmark(load_spec(spec))
     again = read_table(examples_path(board), EXAMPLES_SCHEMA)
     assert len(again) == len(first) and again["run_id"].nunique() == 1 and set(again["run_id"]) != set(first["run_id"])
+
+
+def test_submitted_entries_bring_their_stored_examples(tl_spec, tmp_path: Path) -> None:
+    from saebench_poly.spec import with_overrides
+    from saebench_poly.submit import submit
+
+    spec, board = tiny_run(tl_spec, tmp_path)
+    write_sae(tmp_path / "other-topk", "topk", D_MODEL, 32, RESID, seed=3, k=2)
+    other = tl_spec(entries=["disk:other-topk"])
+    results = tmp_path / "results" / "results.parquet"
+    run_benchmark(with_overrides(load_spec(other), {"output": str(results)}))
+    submit(results, board)
+    stored = read_table(examples_path(board), EXAMPLES_SCHEMA)
+    submitted = stored[stored["entry"] == "other-topk"]
+    scored = read_table(examples_path(results), EXAMPLES_SCHEMA)
+    assert len(submitted) == (scored["entry"] == "other-topk").sum() > 0 and set(submitted["unit"]) <= set(range(32))
+    assert "resid-topk" in set(stored["entry"])

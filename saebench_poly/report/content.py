@@ -50,6 +50,8 @@ SPEC_COLUMNS = ("spec_name", "spec_hash", "model_id", "model_revision", "model_f
 # Per-unit columns that identify rather than describe a unit, or that the explorer shows in its own way.
 _UNIT_SKIP = {f.name for f in PROVENANCE_FIELDS} | {"unit", "tau_sweep", "central_examples"}
 _HISTOGRAM_BINS = 24
+# Behaviours per unit whose examples go into the page (the largest; the table keeps them all)
+MAX_BEHAVIOURS = 12
 _SIGNIFICANT = 5
 
 
@@ -212,7 +214,7 @@ def _entry_units(frame: pd.DataFrame, max_units: int, examples: _ExampleReader |
         if column == "n_behaviours_sweep":
             taus = frame["tau_sweep"].dropna()
             tau_text = ", ".join(f"{t:g}" for t in taus.iloc[0]) if len(taus) else ""
-            columns[f"K at tau = {tau_text}"] = [None if v is None else ", ".join(str(int(k)) for k in v) for v in values]
+            columns[f"K at tau_sweep ({tau_text})"] = [None if v is None else ", ".join(str(int(k)) for k in v) for v in values]
         elif pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
             columns[column] = [_number(v) for v in values]
         else:
@@ -272,30 +274,39 @@ def _histograms(content: ReportContent, effective: dict[str, np.ndarray]) -> Non
 
 
 class _ExampleReader:
-    """The stored examples of chosen units, read from the examples table with a filter per entry (so only the rows
-    of the units shown are decoded)."""
+    """The stored examples of chosen units: the table is read once (its identifying and example columns), and each
+    entry takes the rows of its chosen units and of their `MAX_BEHAVIOURS` largest behaviours."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         check_schema(path, EXAMPLES_SCHEMA)
+        columns = ["run_id", "entry", "unit", "behaviour", "behaviour_size", "rank", "central", "context", "position",
+                   "window_start", "token_kind", "tokens", "activations"]
+        self.table = pq.read_table(path, columns=columns).filter(pc.field("behaviour") < MAX_BEHAVIOURS)
 
     def units(self, run_id: str, entry: str, units: np.ndarray, vocabulary: dict[str, int]) -> tuple[dict[int, Any], str | None]:
         condition = (pc.field("run_id") == run_id) & (pc.field("entry") == entry) & pc.field("unit").isin(pa.array(units, pa.int64()))
-        table = pq.read_table(self.path, filters=condition, columns=[f.name for f in EXAMPLES_SCHEMA])
-        frame = table.to_pandas()
-        if frame.empty:
+        table = self.table.filter(condition)
+        if table.num_rows == 0:
             return {}, None
-        frame = frame.sort_values(["unit", "behaviour", "rank"])
-        out: dict[int, Any] = {}
-        for unit, group in frame.groupby("unit", sort=True):
-            behaviours = []
-            for behaviour, members in group.groupby("behaviour", sort=True):
-                shown = []
-                for row in members.itertuples():
-                    tokens = [vocabulary.setdefault(str(t), len(vocabulary)) for t in row.tokens]
-                    shown.append({"context": int(row.context), "position": int(row.position), "start": int(row.window_start),
-                                  "peak": int(row.position - row.window_start), "central": bool(row.central),
-                                  "tokens": tokens, "activations": [_number(a) for a in row.activations]})
-                behaviours.append({"behaviour": int(behaviour), "size": int(members["behaviour_size"].iloc[0]), "examples": shown})
-            out[int(unit)] = behaviours
-        return out, str(frame["token_kind"].iloc[0])
+        table = table.sort_by([("unit", "ascending"), ("behaviour", "ascending"), ("rank", "ascending")])
+        column = {name: table.column(name).to_pylist() for name in table.column_names if name not in ("tokens", "activations")}
+        # token strings become indices into the page's one vocabulary; activations are rounded for display
+        flat = pc.list_flatten(table.column("tokens")).to_numpy(zero_copy_only=False)
+        distinct, inverse = np.unique(flat.astype(str), return_inverse=True)
+        index = np.array([vocabulary.setdefault(t, len(vocabulary)) for t in distinct.tolist()], dtype=np.int64)[inverse]
+        offsets = pc.list_value_length(table.column("tokens")).to_numpy().cumsum()
+        tokens = np.split(index, offsets[:-1])
+        values = np.split(pc.list_flatten(table.column("activations")).to_numpy(zero_copy_only=False).astype(np.float64),
+                          offsets[:-1])
+        out: dict[int, list[dict[str, Any]]] = {}
+        for i, unit in enumerate(column["unit"]):
+            behaviours = out.setdefault(int(unit), [])
+            if not behaviours or behaviours[-1]["behaviour"] != column["behaviour"][i]:
+                behaviours.append({"behaviour": column["behaviour"][i], "size": column["behaviour_size"][i], "examples": []})
+            start = column["window_start"][i]
+            behaviours[-1]["examples"].append({
+                "c": column["context"][i], "p": column["position"][i], "s": start, "k": column["position"][i] - start,
+                "m": column["central"][i], "t": tokens[i].tolist(),
+                "a": [float(f"{a:.3g}") if np.isfinite(a) else None for a in values[i]],
+            })
+        return out, str(column["token_kind"][0])

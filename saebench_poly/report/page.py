@@ -25,7 +25,7 @@ from saebench_poly.report.figures import distribution_figure, frontier_figures, 
 
 # At most this many units of an entry get their per-unit values and examples into the page (module docstring of
 # saebench_poly.report.content says which).
-DEFAULT_MAX_UNITS = 1000
+DEFAULT_MAX_UNITS = 500
 
 
 @dataclass

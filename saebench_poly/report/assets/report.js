@@ -204,11 +204,11 @@
       return;
     }
     let peak = 0;
-    for (const b of behaviours) for (const x of b.examples) for (const a of x.activations) if (a !== null) peak = Math.max(peak, Math.abs(a));
+    for (const b of behaviours) for (const x of b.examples) for (const a of x.a) if (a !== null) peak = Math.max(peak, Math.abs(a));
     const tabs = el("div", { className: "tabs", role: "tablist" });
     const panels = el("div");
     behaviours.forEach((b, i) => {
-      const button = el("button", { type: "button", role: "tab", text: `behaviour ${b.behaviour + 1} (${b.size} examples)` });
+      const button = el("button", { type: "button", role: "tab", text: `behaviour ${b.behaviour + 1} (${b.size} example${b.size === 1 ? "" : "s"})` });
       const panel = el("div", { className: "behaviour", role: "tabpanel" });
       panel.hidden = i !== 0;
       if (i === 0) button.classList.add("active");
@@ -222,18 +222,21 @@
     });
     holder.appendChild(tabs);
     holder.appendChild(panels);
+    const sizes = units.columns.behaviour_sizes ? units.columns.behaviour_sizes[units.units.indexOf(unit)] : null;
+    const total = sizes ? sizes.split(",").length : behaviours.length;
+    if (total > behaviours.length) holder.appendChild(el("p", { className: "note", text: `The page shows the ${behaviours.length} largest of its ${total} behaviours; the examples table holds them all.` }));
     const kinds = { ids: "Token ids: this model has no tokenizer.", features: "A toy model's sample: its nonzero features, not text." };
     if (kinds[units.text_kind]) holder.appendChild(el("p", { className: "note", text: kinds[units.text_kind] }));
   }
 
   function exampleView(x, peak, kind) {
-    const div = el("div", { className: x.central ? "example central" : "example" });
-    div.appendChild(el("span", { className: "meta", text: `${x.central ? "central example · " : ""}context ${x.context}, peak at position ${x.position}` }));
-    x.tokens.forEach((t, i) => {
-      const a = x.activations[i];
+    const div = el("div", { className: x.m ? "example central" : "example" });
+    div.appendChild(el("span", { className: "meta", text: `${x.m ? "central example · " : ""}context ${x.c}, peak at position ${x.p}` }));
+    x.t.forEach((t, i) => {
+      const a = x.a[i];
       const share = peak > 0 && a !== null ? Math.min(Math.abs(a) / peak, 1) : 0;
       const colour = a !== null && a < 0 ? `rgba(31, 119, 180, ${share.toFixed(3)})` : `rgba(255, 127, 14, ${share.toFixed(3)})`;
-      const span = el("span", { className: i === x.peak ? "token peak" : "token", title: `position ${x.start + i}: ${format(a)}` });
+      const span = el("span", { className: i === x.k ? "token peak" : "token", title: `position ${x.s + i}: ${format(a)}` });
       span.textContent = kind === "ids" && i > 0 ? ` ${vocabulary[t]}` : vocabulary[t];
       span.style.backgroundColor = colour;
       div.appendChild(span);
