@@ -94,7 +94,8 @@ def test_the_embedded_default_runs_and_saes_beat_neurons_at_finding_true_feature
     # a toy model's sample is no text: its one "token" lists its nonzero features, and the code at it is the peak's
     examples = pd.read_parquet(tmp_path / "toy.examples.parquet")
     assert set(examples["token_kind"]) == {"features"} and examples["token_ids"].isna().all()
-    assert examples["tokens"].map(lambda t: len(t) == 1 and t[0].startswith("f")).all()
+    # (a PCA or random direction, centred, may peak on a sample with no feature active)
+    assert examples["tokens"].map(lambda t: len(t) == 1 and (t[0].startswith("f") or t[0] == "(no feature active)")).all()
     assert (examples["window_start"] == 0).all() and (examples["activations"].map(len) == 1).all()
 
 
