@@ -59,11 +59,14 @@ def fit_baselines(adapter: ModelAdapter, entries: list[Entry], batches: Iterable
         entry.fit(hook_moments.mean, hook_moments.covariance())
 
 
-def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Batch], progress: Progress | None = None) -> int:
-    """Feed every batch to every entry's accumulators; returns the number of tokens scored."""
+def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Batch], progress: Progress | None = None,
+          first_context: int = 0, first_token: int = 0) -> int:
+    """Feed every batch to every entry's accumulators; returns the number of tokens scored. The batches' contexts
+    and tokens are numbered from ``first_context`` and ``first_token`` (a shard of the scored data numbers its
+    contexts and tokens as the whole run does)."""
     hooks = sorted({hook for s in scored for hook in (s.entry.hook, s.entry.output_hook)})
     downstream_hooks = sorted({s.entry.output_hook for s in scored if s.needs_downstream})
-    tokens = contexts = 0
+    tokens, contexts = 0, first_context
     with torch.no_grad():
         for batch in batches:
             batch = batch.to(adapter.device)
@@ -78,7 +81,8 @@ def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Ba
                 z = item.entry.encode(x)
                 x_hat = item.entry.reconstruct(x, z)
                 target = activations[item.entry.output_hook]  # x, except for a transcoder
-                entry_batch = EntryBatch(x=target, z=z, x_hat=x_hat, context=context, position=position)
+                entry_batch = EntryBatch(x=target, z=z, x_hat=x_hat, context=context, position=position,
+                                         first_token=first_token + tokens)
                 if item.needs_downstream:
                     entry_batch.downstream = downstream.statistics(item.entry.output_hook, target, x_hat)
                 for accumulator in item.accumulators:

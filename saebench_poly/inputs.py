@@ -60,6 +60,32 @@ class Inputs:
         return token_batches(self.dataset, self._contexts(tokens), batch_size, skip_contexts=skip,
                              ignored_ids=self.ignored_token_ids)
 
+    def score_slice(self, start: int, stop: int) -> tuple[Iterator[Batch], int]:
+        """The ``score`` contexts ``start .. stop - 1`` (a shard of a run) in batches of the spec's size, and the
+        number of scored tokens before ``start``, so that the shard numbers its tokens as the whole run does. The
+        contexts before ``start`` are read for their score masks, without running the model."""
+        batch_size = self.spec.batch_size
+        if self.synthetic:
+            # toy models sample their inputs in one seeded stream: take the shard's rows out of it
+            def rows() -> Iterator[Batch]:
+                seen = 0
+                for batch in self.batches("score"):
+                    size = batch.score_mask.shape[0]
+                    lo, hi = max(start - seen, 0), min(stop - seen, size)
+                    if lo < hi:
+                        yield Batch(batch.inputs[lo:hi], batch.score_mask[lo:hi])
+                    seen += size
+                    if seen >= stop:
+                        return
+            return rows(), start
+        skip = self._contexts(self.spec.fit_tokens)
+        before = 0
+        if start:
+            before = sum(int(batch.score_mask.sum()) for batch in token_batches(
+                self.dataset, start, batch_size, skip_contexts=skip, ignored_ids=self.ignored_token_ids))
+        return token_batches(self.dataset, stop - start, batch_size, skip_contexts=skip + start,
+                             ignored_ids=self.ignored_token_ids), before
+
     def scored_contexts(self, contexts: torch.Tensor, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, Batch]]:
         """The ``score`` contexts with indices ``contexts`` (as `EntryBatch.context` counts them: from 0, across the
         batches of ``score``), in increasing order, in batches of at most ``batch_size``: (their indices, their batch).

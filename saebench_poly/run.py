@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,13 @@ from saebench_poly.usertext import check_entry_name
 TRAINING_RECORD = "training.json"
 # The reporter task of the stored examples' re-run (benchmarks/perf/bench_polysemanticity.py times it by this name).
 STORED_EXAMPLES_TASK = "stored examples"
+
+
+class Executor(Protocol):
+    """Runs the pass of a prepared run elsewhere and merges the results into its accumulators; returns the number
+    of tokens scored (`saebench_poly.executors.RayExecutor`)."""
+
+    def score(self, prepared: PreparedRun, reporter: Reporter) -> int: ...
 
 
 class Reporter:
@@ -83,10 +91,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: bool = True,
-                  examples: int = DEFAULT_MEMBERS) -> RunResult:
-    """Score every entry of ``loaded`` in one pass and (when ``write``) replace the spec's leaderboard rows. Each
-    behaviour's central example and up to ``examples`` more of its members go to the stored-examples table."""
+@dataclass
+class PreparedRun:
+    """A run up to its pass: the model, its data, and every entry with fresh accumulators (baselines fitted)."""
+
+    loaded: LoadedSpec
+    adapter: ModelAdapter
+    inputs: Inputs
+    scored: list[ScoredEntry]
+    metrics: dict
+    device: torch.device
+
+
+def prepare_run(loaded: LoadedSpec, reporter: Reporter | None = None) -> PreparedRun:
+    """Load the model and the entries, train and fit what the spec asks for, and build the accumulators: all that
+    comes before the pass, the same in every process of a sharded run."""
     reporter = reporter or Reporter()
     spec = loaded.spec
     seed_everything(spec.seed)
@@ -123,17 +142,32 @@ def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: b
         families = {accumulator for _, accumulator in metrics.values() if accumulator.applies(entry, adapter)}
         accumulators = [build_accumulator(family, entry, adapter, metric_options) for family in sorted(families, key=lambda f: f.__name__)]
         scored.append(ScoredEntry(entry, accumulators))
-    with reporter.task(f"scoring {len(entries)} entries", inputs.tokens_in("score")) as advance:
-        tokens = score(adapter, scored, inputs.batches("score"), advance)
+    return PreparedRun(loaded, adapter, inputs, scored, metrics, device)
+
+
+def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: bool = True,
+                  examples: int = DEFAULT_MEMBERS, executor: Executor | None = None) -> RunResult:
+    """Score every entry of ``loaded`` in one pass and (when ``write``) replace the spec's leaderboard rows. Each
+    behaviour's central example and up to ``examples`` more of its members go to the stored-examples table. The
+    pass runs in this process, or sharded by ``executor`` (`saebench_poly.executors`), whose accumulators this
+    process merges before the post-pass stage."""
+    reporter = reporter or Reporter()
+    prepared = prepare_run(loaded, reporter)
+    adapter, inputs, scored = prepared.adapter, prepared.inputs, prepared.scored
+    if executor is None:
+        with reporter.task(f"scoring {len(scored)} entries", inputs.tokens_in("score")) as advance:
+            tokens = score(adapter, scored, inputs.batches("score"), advance)
+    else:
+        tokens = executor.score(prepared, reporter)
     with reporter.task("characteristic examples", sum(len(item.accumulators) for item in scored)) as advance:
         revisit(scored, inputs.scored_contexts, advance)
     with reporter.task(STORED_EXAMPLES_TASK, None) as advance:
         windows = stored_examples(scored, inputs.scored_contexts, adapter, examples, advance)
 
-    rows, units, stored = _records(loaded, adapter, inputs, scored, metrics, tokens, device, windows)
+    rows, units, stored = _records(loaded, adapter, inputs, scored, prepared.metrics, tokens, prepared.device, windows)
     output = loaded.output_path
     if write:
-        leaderboard.replace_spec_rows(output, spec.name, rows, units, settings=spec.settings(), examples=stored)
+        leaderboard.replace_spec_rows(output, loaded.spec.name, rows, units, settings=loaded.spec.settings(), examples=stored)
     return RunResult(rows=rows, units=units, output=output, tokens_scored=tokens, examples=stored)
 
 

@@ -59,13 +59,15 @@ class EntryBatch:
     reconstructs (those of its output hook: its input, except for a transcoder), code ``z`` ``[N, width]``,
     reconstruction ``x_hat`` ``[N, d_out]``, where each row came from (``context`` ``[N]``: the
     context's index in the scored data, counted from 0 across batches; ``position`` ``[N]``: the token's position in
-    it), and downstream statistics when requested."""
+    it), the index of its first row among all scored tokens (``first_token``; the rows are consecutive tokens), and
+    downstream statistics when requested."""
 
     x: torch.Tensor
     z: torch.Tensor
     x_hat: torch.Tensor
     context: torch.Tensor | None = None
     position: torch.Tensor | None = None
+    first_token: int | None = None
     downstream: DownstreamBatch | None = None
     _firing_counts: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -92,6 +94,9 @@ class Accumulator(ABC):
     passes them only to families that were given some."""
 
     metrics: ClassVar[tuple[MetricSpec, ...]]
+    # Attributes that are not accumulated state (the model, the entry, what is derived from them): left out when an
+    # accumulator travels between the processes of one run (`saebench_poly.executors`), since `merge` never reads them.
+    transient: ClassVar[tuple[str, ...]] = ("entry", "adapter")
     # Per-unit columns that this family adds to the per-unit table beyond the built-in ones
     # (`saebench_poly.leaderboard.UNITS_SCHEMA`): float64 values, one per unit, that `unit_values` returns.
     unit_columns: ClassVar[tuple[str, ...]] = ()
@@ -114,6 +119,17 @@ class Accumulator(ABC):
     @abstractmethod
     def compute(self) -> dict[str, float]:
         """Metric name -> value."""
+
+    def merge(self, other: Accumulator) -> None:
+        """Fold in the state of ``other``, an accumulator of the same class, entry and options fed other scored
+        tokens (disjoint from these, their contexts numbered in the same global order): afterwards `compute` gives
+        what one accumulator fed both would give, to float tolerance. Needed to shard a run over processes
+        (``--executor ray``); a family that does not define it can only run in one process."""
+        raise NotImplementedError(f"metric family {type(self).__name__} does not define merge, so it cannot be "
+                                  "sharded: run it with --executor local")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self.transient}
 
     def revisit(self, contexts: ScoredContexts) -> None:  # noqa: B027 - an optional step, not an abstract one
         """Called once after the pass and before `compute`, for a family that must run chosen scored contexts

@@ -237,6 +237,13 @@ class Capacity(Accumulator):
         self.active_counts = counts.clone() if self.active_counts is None else self.active_counts + counts
         self.tokens += batch.z.shape[0]
 
+    def merge(self, other: Capacity) -> None:
+        if other.active_counts is not None:
+            self.active_counts = other.active_counts.clone() if self.active_counts is None \
+                else self.active_counts + other.active_counts
+            self._result = None
+        self.tokens += other.tokens
+
     def _live(self, width: int, device: torch.device) -> torch.Tensor:
         if self.active_counts is None:
             return torch.zeros(width, dtype=torch.bool, device=device)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec
+from saebench_poly.metrics.moments import chan_merge
 
 DENSE_THRESHOLD = 0.1
 
@@ -41,6 +42,16 @@ class Sparsity(Accumulator):
         if maxima is not None:
             self.max_activation = torch.maximum(self.max_activation, maxima)
         self.tokens += batch.z.shape[0]
+
+    def merge(self, other: Sparsity) -> None:
+        if other.active_counts is None:
+            return
+        if self.active_counts is None:
+            self.active_counts, self.max_activation = other.active_counts.clone(), other.max_activation.clone()
+        else:
+            self.active_counts = self.active_counts + other.active_counts
+            self.max_activation = torch.maximum(self.max_activation, other.max_activation)
+        self.tokens += other.tokens
 
     def firing_frequency(self) -> torch.Tensor:
         return self.active_counts.to(torch.float64) / self.tokens
@@ -111,18 +122,17 @@ class Reconstruction(Accumulator):
         self.tokens += n
 
     def _merge_moments(self, x: torch.Tensor) -> None:
-        """Chan, Golub & LeVeque (1979): merge a batch's per-dimension mean and M2 into the running ones."""
-        n_b = x.shape[0]
+        """Merge a batch's per-dimension mean and M2 into the running ones (`chan_merge`)."""
         mean_b = x.mean(dim=0)
-        m2_b = (x - mean_b).square().sum(dim=0)
-        if self.mean is None:
-            self.mean, self.m2 = mean_b, m2_b
+        _, self.mean, self.m2 = chan_merge(self.tokens, self.mean, self.m2, x.shape[0], mean_b,
+                                           (x - mean_b).square().sum(dim=0))
+
+    def merge(self, other: Reconstruction) -> None:
+        if other.tokens == 0:
             return
-        n_a = self.tokens
-        total = n_a + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / total)
-        self.m2 = self.m2 + m2_b + delta.square() * (n_a * n_b / total)
+        _, self.mean, self.m2 = chan_merge(self.tokens, self.mean, self.m2, other.tokens, other.mean, other.m2)
+        for name in ("tokens", "nonzero_tokens", "squared_error", "cosine_sum", "relative_error_sum", "norm_ratio_sum"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def compute(self) -> dict[str, float]:
         total_variance = float(self.m2.sum())

@@ -43,6 +43,11 @@ class Downstream(Accumulator):
             self.sums[key] += float(getattr(downstream, key).sum())
         self.positions += int(downstream.ce_clean.numel())
 
+    def merge(self, other: Downstream) -> None:
+        for key in self.sums:
+            self.sums[key] += other.sums[key]
+        self.positions += other.positions
+
     def compute(self) -> dict[str, float]:
         mean = {key: value / max(self.positions, 1) for key, value in self.sums.items()}
         gap = mean["ce_zero_ablated"] - mean["ce_clean"]

@@ -25,7 +25,8 @@ Neither rule drops a context of the final sample, so after the pass the sample i
 qualify under the final M_u: exact. A candidate is (key, context, position, m), nothing more; with keys independent
 of m a unit keeps about S (1 + log2(n / S)) candidates for n contexts that qualified so far.
 
-Every context must lie within a single batch (as `saebench_poly.activations.score` feeds them).
+Every context must lie within a single batch (as `saebench_poly.activations.score` feeds them). Selectors fed
+disjoint sets of contexts merge exactly (`ExampleSelector.merge`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,20 @@ class ExampleSelector:
         if self.key.shape[1] > 2 * self._pruned_capacity:
             self._prune(threshold)
             self._pruned_capacity = max(self.max_examples, self.key.shape[1])
+
+    def merge(self, other: ExampleSelector) -> None:
+        """Fold in a selector fed other contexts (numbered globally): the candidates of both, pruned under the
+        joint maxima. Neither side dropped a context of the joint sample (a rule that drops c on one side holds on
+        the union), so the result is exactly that of one selector fed every batch."""
+        if other.maximum is None:
+            return
+        if self.maximum is None:
+            self._allocate(other.maximum.device)
+        self.maximum = torch.maximum(self.maximum, other.maximum)
+        for name in ("key", "context", "position", "activation"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], dim=1))
+        self._prune(self._threshold())
+        self._pruned_capacity = max(self.max_examples, self.key.shape[1])
 
     def _allocate(self, device: torch.device) -> None:
         self.maximum = torch.full((self.width,), -torch.inf, dtype=torch.float64, device=device)

@@ -36,6 +36,9 @@ class FeatureRecovery(Accumulator):
     def update(self, batch: EntryBatch) -> None:
         pass
 
+    def merge(self, other: FeatureRecovery) -> None:
+        pass
+
     def best_cosines(self) -> torch.Tensor:
         """``[features]``: max_j s(t_f, d_j) (the module docstring)."""
         truth = self.adapter.true_feature_directions(self.entry.output_hook).to(torch.float64)

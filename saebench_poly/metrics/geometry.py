@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec
-from saebench_poly.metrics.moments import Moments
+from saebench_poly.metrics.moments import Moments, chan_merge
 
 SPARSE_ACTIVE_FRACTION = 1 / 32
 ZERO_EIGENVALUE = 1e-10
@@ -95,6 +95,17 @@ class StreamingCovariance:
             outer = (v.unsqueeze(2) * v.unsqueeze(1)).reshape(-1)
             self.sparse_outer.index_add_(0, (i.unsqueeze(2) * width + i.unsqueeze(1)).reshape(-1), outer)
 
+    def merge(self, other: StreamingCovariance) -> None:
+        """Fold in the rows another covariance was fed."""
+        self.dense.merge(other.dense)
+        if other.sparse_sum is not None:
+            if self.sparse_sum is None:
+                self.sparse_sum, self.sparse_outer = other.sparse_sum.clone(), other.sparse_outer.clone()
+            else:
+                self.sparse_sum += other.sparse_sum
+                self.sparse_outer += other.sparse_outer
+            self.sparse_count += other.sparse_count
+
     def covariance(self) -> torch.Tensor:
         """The unbiased covariance ``[width, width]`` of every row fed."""
         mean, comoment = self.dense.mean, self.dense.comoment
@@ -102,12 +113,7 @@ class StreamingCovariance:
             width = self.sparse_sum.numel()
             mean_s = self.sparse_sum / self.sparse_count
             comoment_s = self.sparse_outer.view(width, width) - self.sparse_count * torch.outer(mean_s, mean_s)
-            if mean is None:
-                mean, comoment = mean_s, comoment_s
-            else:
-                n_a, n_b = self.dense.count, self.sparse_count
-                delta = mean_s - mean
-                comoment = comoment + comoment_s + torch.outer(delta, delta) * (n_a * n_b / (n_a + n_b))
+            _, mean, comoment = chan_merge(self.dense.count, mean, comoment, self.sparse_count, mean_s, comoment_s)
         return comoment / max(self.count - 1, 1)
 
 
@@ -133,9 +139,12 @@ class TokenSample:
         self.rows: torch.Tensor | None = None
         self.sparse: bool | None = None
 
-    def update(self, z: torch.Tensor) -> None:
-        keys = sample_keys(self.seen, z.shape[0], self.seed)
-        self.seen += z.shape[0]
+    def update(self, z: torch.Tensor, first: int | None = None) -> None:
+        """Offer the rows ``z``, tokens ``first`` .. ``first + len(z) - 1`` of the scored data (by default those
+        after the rows fed so far)."""
+        first = self.seen if first is None else first
+        keys = sample_keys(first, z.shape[0], self.seed)
+        self.seen = first + z.shape[0]
         if self.keys is not None and self.keys.numel() >= self.size:
             chosen = keys < self.keys.max()
             if not chosen.any():
@@ -146,6 +155,22 @@ class TokenSample:
         rows = z.detach().to_sparse() if self.sparse else z.detach().clone()
         if self.keys is not None:
             keys, rows = torch.cat([self.keys, keys]), torch.cat([self.rows, rows])
+        if keys.numel() > self.size:
+            keep = torch.topk(keys, self.size, largest=False).indices
+            keys, rows = keys[keep], rows.index_select(0, keep.to(rows.device))
+        self.keys, self.rows = keys, rows.coalesce() if self.sparse else rows
+
+    def merge(self, other: TokenSample) -> None:
+        """Fold in another sample of other tokens (their indices global, `update`'s ``first``): the smallest keys of
+        both are the smallest keys of all the tokens, so the merged sample is the one of a single pass."""
+        if other.keys is None:
+            return
+        rows = other.rows
+        if self.keys is None:
+            self.keys, self.rows, self.sparse = other.keys, rows, other.sparse
+            return
+        rows = (rows if rows.is_sparse else rows.to_sparse()) if self.sparse else (rows.to_dense() if rows.is_sparse else rows)
+        keys, rows = torch.cat([self.keys, other.keys]), torch.cat([self.rows, rows])
         if keys.numel() > self.size:
             keep = torch.topk(keys, self.size, largest=False).indices
             keys, rows = keys[keep], rows.index_select(0, keep.to(rows.device))
@@ -217,7 +242,13 @@ class CodeGeometry(Accumulator):
         if self.exact:
             self.covariance.update(z)
         else:
-            self.sample.update(z)
+            self.sample.update(z, batch.first_token)
+
+    def merge(self, other: CodeGeometry) -> None:
+        if self.exact:
+            self.covariance.merge(other.covariance)
+        else:
+            self.sample.merge(other.sample)
 
     def eigenvalues(self) -> tuple[torch.Tensor, int]:
         """Eigenvalues of Cov(z), descending, and the number of tokens they rest on."""

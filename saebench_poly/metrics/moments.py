@@ -7,6 +7,21 @@ from dataclasses import dataclass
 import torch
 
 
+def chan_merge(count_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b: int, mean_b: torch.Tensor,
+               m2_b: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Chan, Golub & LeVeque (1979): the (count, mean, M2) of two disjoint sets of rows from each one's. M2 is
+    either per dimension (sum_t (x_t - mean)^2, ``[d]``) or the co-moment matrix (sum_t (x_t - mean)(x_t - mean)^T,
+    ``[d, d]``); its shape says which. Either side may be empty (count 0)."""
+    if count_a == 0:
+        return count_b, mean_b, m2_b
+    if count_b == 0:
+        return count_a, mean_a, m2_a
+    total = count_a + count_b
+    delta = mean_b - mean_a
+    spread = torch.outer(delta, delta) if m2_a.dim() == 2 else delta.square()
+    return total, mean_a + delta * (count_b / total), m2_a + m2_b + spread * (count_a * count_b / total)
+
+
 @dataclass
 class Moments:
     """Streaming mean and covariance of a hook's activations in float64 (Chan et al.'s pairwise update of the
@@ -23,15 +38,13 @@ class Moments:
             return
         mean_b = x.mean(dim=0)
         centered = x - mean_b
-        comoment_b = centered.T @ centered
-        if self.mean is None:
-            self.count, self.mean, self.comoment = n_b, mean_b, comoment_b
-            return
-        total = self.count + n_b
-        delta = mean_b - self.mean
-        self.comoment = self.comoment + comoment_b + torch.outer(delta, delta) * (self.count * n_b / total)
-        self.mean = self.mean + delta * (n_b / total)
-        self.count = total
+        self.count, self.mean, self.comoment = chan_merge(self.count, self.mean, self.comoment, n_b, mean_b,
+                                                          centered.T @ centered)
+
+    def merge(self, other: Moments) -> None:
+        """Fold in the moments of other rows (disjoint from these)."""
+        self.count, self.mean, self.comoment = chan_merge(self.count, self.mean, self.comoment, other.count,
+                                                          other.mean, other.comoment)
 
     def covariance(self) -> torch.Tensor:
         return self.comoment / max(self.count - 1, 1)

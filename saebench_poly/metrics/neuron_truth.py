@@ -71,6 +71,9 @@ class NeuronTruth(Accumulator):
     def update(self, batch: EntryBatch) -> None:
         pass
 
+    def merge(self, other: NeuronTruth) -> None:
+        pass
+
     def per_neuron(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(PR_k, loaded_k, features on k by the weight rule or None)."""
         truth = self.adapter.true_feature_directions(self.entry.hook).detach()

@@ -127,6 +127,7 @@ class Polysemanticity(Accumulator):
                    bounds=(0, 1)),
     )
     Options = PolysemanticityOptions
+    transient = ("entry", "adapter", "inputs")
 
     def __init__(self, entry, adapter, options: PolysemanticityOptions | None = None) -> None:
         super().__init__(entry, adapter)
@@ -147,6 +148,10 @@ class Polysemanticity(Accumulator):
             raise ValueError("polysemanticity needs each scored row's context and position (EntryBatch.context, .position)")
         activity = batch.z.abs() if self.entry.signed_units else batch.z
         self.selector.update(activity, batch.context, batch.position)
+
+    def merge(self, other: Polysemanticity) -> None:
+        if self.selector is not None:
+            self.selector.merge(other.selector)
 
     def revisit(self, contexts: ScoredContexts) -> None:
         """Select the examples, re-run their contexts for the embeddings, and find the behaviours."""

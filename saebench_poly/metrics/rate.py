@@ -65,6 +65,12 @@ class Rate(Accumulator):
         self.active_counts = counts.clone() if self.active_counts is None else self.active_counts + counts
         self.tokens += batch.z.shape[0]
 
+    def merge(self, other: Rate) -> None:
+        if other.active_counts is not None:
+            self.active_counts = other.active_counts.clone() if self.active_counts is None \
+                else self.active_counts + other.active_counts
+        self.tokens += other.tokens
+
     def compute(self) -> dict[str, float]:
         if not self.tokens:
             return {}
