@@ -264,7 +264,7 @@ def _load_entries(loaded: LoadedSpec, adapter: ModelAdapter, device: torch.devic
     baseline_hooks = list(spec.hooks)
     for entry in list(entries):
         neuron_hook = adapter.comparison_neuron_hook(entry.hook)
-        if neuron_hook and neuron_hook not in baseline_hooks:
+        if neuron_hook and all(adapter.units_of(neuron_hook) != adapter.units_of(h) for h in baseline_hooks):
             baseline_hooks.append(neuron_hook)
     for hook in baseline_hooks:
         for scheme in spec.baselines:

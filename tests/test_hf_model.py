@@ -194,6 +194,11 @@ def test_comparison_neurons_and_their_input_map(gpt2, bert, folders):
     )
     assert llama.neuron_input_module("model.layers.0.mlp.act_fn").module == "model.layers.0.mlp.gate_proj"
     assert gpt2.neuron_input_module("transformer.h.1") is None
+    # BERT's intermediate returns its GELU's output tensor: the same neurons, under the spec's name
+    assert bert.units_of("encoder.layer.0.intermediate") == "encoder.layer.0.intermediate.intermediate_act_fn"
+    assert bert.comparison_neuron_hook("encoder.layer.0.intermediate") == "encoder.layer.0.intermediate"
+    assert bert.neuron_input_module("encoder.layer.0.intermediate").module == "encoder.layer.0.intermediate.dense"
+    assert gpt2.units_of("transformer.h.1.mlp") == "transformer.h.1.mlp"  # the MLP's output is after c_proj
 
 
 def test_replacement_changes_the_logits_as_the_weights_would(gpt2):

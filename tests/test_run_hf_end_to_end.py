@@ -100,7 +100,12 @@ path = "ids.parquet"
     code, out, err = run_cli("run", str(spec))
     assert code == 0, err
     rows = pd.read_parquet(tmp_path / "board.parquet")
+    # BERT's `intermediate` (dense then GELU) outputs the MLP neurons themselves: one unit set, one neurons row,
+    # with neuron embeddings, and the SAE on it gets the neuron participation ratios
     assert set(rows["entry"]) == {"sae", "neurons:encoder.layer.0.intermediate", "pca:encoder.layer.0.intermediate",
-                                  "random:encoder.layer.0.intermediate", "neurons:encoder.layer.0.intermediate.intermediate_act_fn"}
+                                  "random:encoder.layer.0.intermediate"}
     assert "downstream" not in set(rows["metric_family"])
+    assert {"neuron_pr_mean", "neuron_pr_median"} <= set(rows.loc[rows["entry"] == "sae", "metric"])
+    units = pd.read_parquet(tmp_path / "board.units.parquet")
+    assert set(units.loc[units["entry"] == "neurons:encoder.layer.0.intermediate", "poly_status"]) - {"no_embedding"}
     assert rows.iloc[0]["tokens_scored"] == 20 * 10

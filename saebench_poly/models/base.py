@@ -135,6 +135,11 @@ class ModelAdapter(ABC):
         """Run the model once on ``batch`` and capture ``hooks`` (plus what `forward_with_replacement` needs).
         With ``logits=False`` the adapter may stop after the last layer that a hook needs."""
 
+    def units_of(self, hook: str) -> str:
+        """The hook that names the units at ``hook``: two hooks that output the same tensor name one unit set (one
+        neurons row). ``hook`` itself by default."""
+        return hook
+
     def comparison_neuron_hook(self, hook: str) -> str | None:
         """The hook of the raw neurons that an SAE at ``hook`` is compared with (None if the model has none)."""
         return None

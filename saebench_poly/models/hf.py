@@ -171,8 +171,11 @@ class HFModelAdapter(ModelAdapter):
 
     def comparison_neuron_hook(self, hook: str) -> str | None:
         """The MLP-neuron hook of the layer that holds ``hook`` (rule in the module docstring), or None when
-        ``hook`` is outside the layers or its layer has no single elementwise activation module."""
+        ``hook`` is outside the layers or its layer has no single elementwise activation module. A hook whose output
+        is those neurons (`units_of`) is its own neuron hook."""
         self._check_hook(hook)
+        if hook in self._neuron_aliases:
+            return hook
         layer = self._layer_of(hook)
         if layer is None:
             return None
@@ -184,6 +187,7 @@ class HFModelAdapter(ModelAdapter):
         first ``Linear`` or ``Conv1D`` among its siblings, when its width matches (GPT-2 ``mlp.c_fc``, BERT
         ``intermediate.dense``, Llama ``mlp.gate_proj``); None otherwise."""
         self._check_hook(hook)
+        hook = self._neuron_aliases.get(hook, hook)
         if not _is_activation(self._modules[hook]):
             return None
         parent = hook.rpartition(".")[0]
@@ -232,17 +236,38 @@ class HFModelAdapter(ModelAdapter):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokenizer": getattr(self.tokenizer, "name_or_path", "") or ""}
 
+    def units_of(self, hook: str) -> str:
+        """The activation module whose output ``hook`` outputs, the very tensor (BERT's ``intermediate``, dense then
+        GELU, returns its ``intermediate_act_fn``'s output); else ``hook``."""
+        return self._neuron_aliases.get(hook, hook)
+
+    @cached_property
+    def _dry_run(self) -> dict[str, list[torch.Tensor | None]]:
+        """What every module outputs (its first tensor, once per call) in one dry run on two tokens."""
+        outputs: dict[str, list[torch.Tensor | None]] = {name: [] for name in self._modules if name}
+        with self._hooks({name: partial(_record_output, calls) for name, calls in outputs.items()}):
+            self._run(torch.zeros(1, 2, dtype=torch.long))
+        return outputs
+
     @cached_property
     def _widths(self) -> dict[str, int]:
-        """The width of every hook, in ``named_modules`` order, from one dry run on two tokens."""
-        shapes: dict[str, list[torch.Size | None]] = {name: [] for name in self._modules if name}
-        with self._hooks({name: partial(_record_shape, calls) for name, calls in shapes.items()}):
-            self._run(torch.zeros(1, 2, dtype=torch.long))
+        """The width of every hook, in ``named_modules`` order."""
         return {
-            name: calls[0][-1]
-            for name, calls in shapes.items()
-            if len(calls) == 1 and calls[0] is not None and len(calls[0]) == 3 and calls[0][:2] == (1, 2)
+            name: calls[0].shape[-1]
+            for name, calls in self._dry_run.items()
+            if len(calls) == 1 and calls[0] is not None and calls[0].dim() == 3 and tuple(calls[0].shape[:2]) == (1, 2)
         }
+
+    @cached_property
+    def _neuron_aliases(self) -> dict[str, str]:
+        """Hook -> the activation module inside it whose output tensor it returns as its own (`units_of`)."""
+        aliases = {}
+        for name in self._widths:
+            if _is_activation(self._modules[name]):
+                for outer in self._widths:
+                    if name.startswith(f"{outer}.") and self._dry_run[outer][0] is self._dry_run[name][0]:
+                        aliases[outer] = name
+        return aliases
 
     def _check_hook(self, hook: str) -> None:
         if hook in self._widths:
@@ -313,9 +338,8 @@ def _with_first(output: Any, tensor: torch.Tensor) -> Any:
     return (tensor, *rest) if isinstance(output, tuple) else [tensor, *rest]
 
 
-def _record_shape(calls: list[torch.Size | None], module: nn.Module, args: Any, output: Any) -> None:
-    tensor = _first_tensor(output)
-    calls.append(None if tensor is None else tensor.shape)
+def _record_output(calls: list[torch.Tensor | None], module: nn.Module, args: Any, output: Any) -> None:
+    calls.append(_first_tensor(output))
 
 
 class _AllCaptured(Exception):
