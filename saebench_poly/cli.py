@@ -41,15 +41,18 @@ out_console = Console(width=None if sys.stdout.isatty() else 160, markup=False, 
 
 
 def resolve_spec_path(spec: str) -> Path:
-    """A spec file path, or a spec name looked up in ./benchmarks and then in this checkout's benchmarks/."""
+    """A spec file path, or a spec name looked up in ./benchmarks, this checkout's benchmarks/, and the default
+    specs shipped in the installed package."""
+    from saebench_poly.spec import PACKAGED_SPECS
+
     candidate = Path(spec)
     if candidate.is_file():
         return candidate
-    for folder in (Path.cwd() / "benchmarks", REPOSITORY_BENCHMARKS):
+    for folder in (Path.cwd() / "benchmarks", REPOSITORY_BENCHMARKS, PACKAGED_SPECS):
         named = folder / f"{spec}.toml"
         if named.is_file():
             return named
-    raise UserError(f"no spec file or benchmark named {spec!r} (looked in ./benchmarks and {REPOSITORY_BENCHMARKS})")
+    raise UserError(f"no spec file or benchmark named {spec!r} (looked in ./benchmarks, {REPOSITORY_BENCHMARKS} and the installed default specs)")
 
 
 class RichReporter:

@@ -20,6 +20,8 @@ from saebench_poly.models.base import ModelConfig
 from saebench_poly.training import SAETrainingConfig
 from saebench_poly.usertext import NAME_CHARACTERS, is_valid_name, printable
 
+# The default specs (benchmarks/*.toml) as a wheel ships them (setup.py); absent in a checkout.
+PACKAGED_SPECS = Path(__file__).resolve().parent / "specs"
 BASELINE_SCHEMES = ("neurons", "pca", "random")
 DATASET_KINDS = ("hub", "text", "jsonl", "parquet", "tokens", "synthetic")
 # Model loaders whose models sample their own inputs (dataset kind "synthetic"); their `name` is always a folder.
@@ -156,7 +158,9 @@ class LoadedSpec(BaseModel):
 
     @property
     def base_dir(self) -> Path:
-        return self.path.parent
+        """The spec's folder; for a default spec shipped inside the installed package (`PACKAGED_SPECS`),
+        ``./benchmarks``, so that it writes into the current folder as it would from a checkout."""
+        return Path.cwd() / "benchmarks" if self.path.parent == PACKAGED_SPECS else self.path.parent
 
     def resolve(self, value: str) -> Path:
         """``value`` as an absolute path (``{name}`` filled in), relative ones against the spec's folder."""
