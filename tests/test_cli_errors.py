@@ -90,7 +90,7 @@ def test_the_installed_console_script_reports_user_errors_without_a_traceback(tm
     script = Path(sys.executable).parent / "saebench-poly"
     result = subprocess.run([str(script), "run", str(tmp_path / "absent.toml")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"saebench-poly: error: no spec file or benchmark named '{tmp_path / 'absent.toml'}' (looked in ./benchmarks and {Path(__file__).resolve().parent.parent / 'benchmarks'})"
+    assert result.stderr.strip() == f"saebench-poly: error: no spec file or benchmark named '{tmp_path / 'absent.toml'}' (looked in ./benchmarks, {Path(__file__).resolve().parent.parent / 'benchmarks'} and the installed default specs)"
     assert result.stdout == ""
 
 
