@@ -69,11 +69,13 @@ def test_identity_for_transformer_lens_neurons(normalization: str, gated: bool, 
     assert adapter.neuron_inputs(RESID) is None  # a residual-stream dimension has no input weights
 
 
-@pytest.mark.parametrize(("architecture", "neurons", "linear"), [
-    ("gpt2", "transformer.h.1.mlp.act", "transformer.h.1.mlp.c_fc"),
-    ("llama", "model.layers.0.mlp.act_fn", "model.layers.0.mlp.gate_proj"),
+@pytest.mark.parametrize(("architecture", "neurons", "linear", "source"), [
+    # GPT-2's c_fc reads ln_2's output: its scale and shift are folded into the weights, as transformer-lens does
+    ("gpt2", "transformer.h.1.mlp.act", "transformer.h.1.mlp.c_fc", "normalised input of transformer.h.1.ln_2"),
+    ("llama", "model.layers.0.mlp.act_fn", "model.layers.0.mlp.gate_proj", "input of model.layers.0.mlp.gate_proj"),
 ])
-def test_identity_for_hugging_face_neurons(tmp_path: Path, architecture: str, neurons: str, linear: str) -> None:
+def test_identity_for_hugging_face_neurons(tmp_path: Path, architecture: str, neurons: str, linear: str,
+                                           source: str) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from saebench_poly.models.hf import load_hf_model
@@ -87,7 +89,7 @@ def test_identity_for_hugging_face_neurons(tmp_path: Path, architecture: str, ne
     model.save_pretrained(tmp_path, safe_serialization=True)
     adapter = load_hf_model(ModelConfig(loader="hf", name=str(tmp_path)), CPU, torch.float32)
     inputs = adapter.neuron_inputs(neurons)
-    assert inputs.source == f"input of {linear}"
+    assert inputs.source == source
     batch = token_batch()
     outputs: list[torch.Tensor] = []
     handle = adapter.model.get_submodule(linear).register_forward_hook(lambda module, args, output: outputs.append(output.detach()))

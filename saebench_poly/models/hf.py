@@ -201,23 +201,43 @@ class HFModelAdapter(ModelAdapter):
         return None
 
     def neuron_inputs(self, hook: str) -> UnitInputs | None:
-        """The neurons at an activation module: h is the input of the linear map that `neuron_input_module` finds
-        (read with a forward pre-hook, the pass stopping there), w_u its weight row and b_u its bias (0 without one).
-        Nothing is folded: a LayerNorm before the Linear is part of h. None where `neuron_input_module` finds none."""
+        """The neurons at an activation module, in the convention of transformer-lens's neurons (one convention for
+        every adapter): when the linear map that `neuron_input_module` finds reads the output of a ``LayerNorm``
+        (GPT-2's ``ln_2``, BERT's attention-output LayerNorm), h is that LayerNorm's normalised input (centred and
+        divided by its RMS, before the scale and shift), w_u = gamma ⊙ W[u] and b_u = b[u] + beta · W[u], the scale
+        and shift folded into the weights as transformer-lens's ``fold_ln`` folds them. Otherwise h is the linear
+        map's input, w_u its weight row and b_u its bias (0 without one). h is read with a forward pre-hook, the pass
+        stopping there. None where `neuron_input_module` finds none."""
         linear = self.neuron_input_module(hook)
         if linear is None:
             return None
-        module = self._modules[linear.module]
-        bias = torch.zeros_like(linear.weight[:, 0]) if linear.bias is None else linear.bias
+        weight = linear.weight.detach().to(torch.float64)
+        bias = torch.zeros_like(weight[:, 0]) if linear.bias is None else linear.bias.detach().to(torch.float64)
+        norm_name = self._layer_norm_feeding(linear.module)
+        if norm_name is None:
+            read, source = self._modules[linear.module], f"input of {linear.module}"
+
+            def transform(h: torch.Tensor) -> torch.Tensor:
+                return h
+        else:
+            norm = self._modules[norm_name]
+            read, source = norm, f"normalised input of {norm_name}"
+            if norm.bias is not None:
+                bias = bias + weight @ norm.bias.detach().to(torch.float64)
+            if norm.weight is not None:
+                weight = weight * norm.weight.detach().to(torch.float64)[None, :]
+
+            def transform(h: torch.Tensor) -> torch.Tensor:
+                return nn.functional.layer_norm(h, norm.normalized_shape, None, None, norm.eps)
 
         def capture(batch: Batch) -> torch.Tensor:
             store: dict[str, torch.Tensor] = {}
 
             def read_input(module: nn.Module, args: Any, kwargs: Any) -> None:
-                store["h"] = (args[0] if args else next(iter(kwargs.values()))).detach().clone()
+                store["h"] = transform((args[0] if args else next(iter(kwargs.values()))).detach().clone())
                 raise _AllCaptured
 
-            handle = module.register_forward_pre_hook(read_input, with_kwargs=True)
+            handle = read.register_forward_pre_hook(read_input, with_kwargs=True)
             try:
                 self._run(batch.inputs)
             except _AllCaptured:
@@ -226,7 +246,25 @@ class HFModelAdapter(ModelAdapter):
                 handle.remove()
             return store["h"]
 
-        return UnitInputs(source=f"input of {linear.module}", weight=linear.weight, bias=bias, capture=capture)
+        return UnitInputs(source=source, weight=weight, bias=bias, capture=capture)
+
+    def _layer_norm_feeding(self, linear: str) -> str | None:
+        """The ``nn.LayerNorm`` whose output tensor is the input of module ``linear`` in the dry run, if any."""
+        norms = [name for name in self._dry_run if isinstance(self._modules[name], nn.LayerNorm)]
+        store: dict[str, Any] = {}
+
+        def read_input(module: nn.Module, args: Any, kwargs: Any) -> None:
+            store["input"] = args[0] if args else next(iter(kwargs.values()))
+
+        handle = self._modules[linear].register_forward_pre_hook(read_input, with_kwargs=True)
+        outputs: dict[str, list[torch.Tensor | None]] = {name: [] for name in norms}
+        try:
+            with self._hooks({name: partial(_record_output, outputs[name]) for name in norms}):
+                self._run(torch.zeros(1, 2, dtype=torch.long))
+        finally:
+            handle.remove()
+        found = [name for name in norms if any(out is store.get("input") for out in outputs[name])]
+        return found[0] if len(found) == 1 else None
 
     def special_token_ids(self) -> set[int]:
         """The tokenizer's special tokens and those the model's config names (for pre-tokenized data without a
