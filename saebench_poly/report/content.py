@@ -221,8 +221,9 @@ def _entry_units(frame: pd.DataFrame, max_units: int, examples: _ExampleReader |
             columns[column] = [None if _missing(v) else (", ".join(str(x) for x in v) if _listlike(v) else str(v)) for v in values]
     effective = frame["effective_behaviours"].to_numpy(dtype=np.float64, na_value=np.nan)
     ranked = np.lexsort((frame["unit"].to_numpy(), -np.nan_to_num(effective, nan=-np.inf)))
-    most = [int(frame["unit"].iloc[i]) for i in ranked if np.isfinite(effective[i])]
-    most = [u for u in most if u in set(chosen.tolist())][:20]
+    shown = set(chosen.tolist())
+    most = [int(frame["unit"].iloc[i]) for i in ranked[:len(shown)] if np.isfinite(effective[i])]
+    most = [u for u in most if u in shown][:20]
     status = frame["poly_status"].fillna("").astype(str)
     result: dict[str, Any] = {
         "width": len(frame), "units": [int(u) for u in chosen], "columns": columns, "most_polysemantic": most,
