@@ -103,6 +103,7 @@ def read_windows(entries: Sequence[Entry], members: Sequence[StoredMembers], con
     hooks = sorted({entry.hook for entry, m in zip(entries, members, strict=True) if len(m)})
     # each entry's rows by context, so that a batch (a run of the union, in increasing order) takes a slice of them
     by_context = [torch.argsort(m.context, stable=True) for m in members]
+    sorted_contexts = [m.context[order] for m, order in zip(members, by_context, strict=True)]
     # per entry, per batch: the rows filled, their window starts and lengths, codes and ids [rows, window]
     parts: list[list[tuple]] = [[] for _ in entries]
     kind, features = None, {}
@@ -115,10 +116,9 @@ def read_windows(entries: Sequence[Entry], members: Sequence[StoredMembers], con
             activations = adapter.forward(batch, hooks, logits=False).activations
             positions = batch.score_mask.shape[1]
             inputs = batch.inputs.cpu()
-            for entry, chosen, order, out in zip(entries, members, by_context, parts, strict=True):
-                sorted_contexts = chosen.context[order]
-                lo = int(torch.searchsorted(sorted_contexts, indices[0]))
-                hi = int(torch.searchsorted(sorted_contexts, indices[-1], right=True))
+            for entry, chosen, order, ordered, out in zip(entries, members, by_context, sorted_contexts, parts, strict=True):
+                lo = int(torch.searchsorted(ordered, indices[0]))
+                hi = int(torch.searchsorted(ordered, indices[-1], right=True))
                 if hi == lo:
                     continue
                 rows = order[lo:hi]
