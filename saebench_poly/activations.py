@@ -76,13 +76,14 @@ def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Ba
             context = context + contexts
             contexts += batch.score_mask.shape[0]
             downstream = _DownstreamPass(adapter, batch, clean, downstream_hooks) if downstream_hooks else None
+            shared: dict[str, dict] = {hook: {} for hook in hooks}
             for item in scored:
                 x = activations[item.entry.hook]
                 z = item.entry.encode(x)
                 x_hat = item.entry.reconstruct(x, z)
                 target = activations[item.entry.output_hook]  # x, except for a transcoder
                 entry_batch = EntryBatch(x=target, z=z, x_hat=x_hat, context=context, position=position,
-                                         first_token=first_token + tokens)
+                                         first_token=first_token + tokens, shared=shared[item.entry.output_hook])
                 if item.needs_downstream:
                     entry_batch.downstream = downstream.statistics(item.entry.output_hook, target, x_hat)
                 for accumulator in item.accumulators:
@@ -108,28 +109,45 @@ def revisit(scored: list[ScoredEntry], contexts: ScoredContexts, progress: Progr
 
 class _DownstreamPass:
     """Next-token statistics of one batch: the clean log-probabilities and each hook's zero-ablation once, then a
-    spliced forward per entry. A reconstruction that is bitwise equal to its input (the raw-neuron identity)
-    would re-run exactly the clean forward, so the clean log-probabilities stand in for it."""
+    spliced forward per entry. A reconstruction within float rounding of its input (`reproduces`: the raw-neuron
+    identity bitwise, a full-rank basis such as PCA or a random rotation to ~1e-6 in float32) would re-run the clean
+    forward up to that rounding, so the clean log-probabilities stand in for it."""
 
     def __init__(self, adapter: ModelAdapter, batch: Batch, clean: ForwardOutput, hooks: list[str]) -> None:
         self.adapter, self.batch, self.clean = adapter, batch, clean
         self.positions = batch.score_mask[:, :-1]
         self.clean_log_probs = next_token_log_probs(clean.logits, self.positions)
+        self.clean_probs = self.clean_log_probs.exp()
         self.ce_clean = cross_entropy(self.clean_log_probs, batch.inputs, self.positions)
         self.ce_zero = {hook: cross_entropy(self._spliced_log_probs(hook, None), batch.inputs, self.positions) for hook in hooks}
+        self.kl_zero = torch.zeros_like(self.ce_clean)
 
     def _spliced_log_probs(self, hook: str, values: torch.Tensor | None) -> torch.Tensor:
         logits = self.adapter.forward_with_replacement(self.batch, self.clean, hook, _spliced(self.batch.score_mask, values))
         return next_token_log_probs(logits, self.positions)
 
     def statistics(self, hook: str, x: torch.Tensor, x_hat: torch.Tensor) -> DownstreamBatch:
-        if torch.equal(x_hat, x):
-            log_probs, ce_spliced = self.clean_log_probs, self.ce_clean
-        else:
-            log_probs = self._spliced_log_probs(hook, x_hat)
-            ce_spliced = cross_entropy(log_probs, self.batch.inputs, self.positions)
-        return DownstreamBatch(ce_clean=self.ce_clean, ce_spliced=ce_spliced, ce_zero_ablated=self.ce_zero[hook],
-                               kl=kl_divergence(self.clean_log_probs, log_probs))
+        if reproduces(x, x_hat):
+            return DownstreamBatch(ce_clean=self.ce_clean, ce_spliced=self.ce_clean, ce_zero_ablated=self.ce_zero[hook],
+                                   kl=self.kl_zero)
+        log_probs = self._spliced_log_probs(hook, x_hat)
+        return DownstreamBatch(ce_clean=self.ce_clean, ce_spliced=cross_entropy(log_probs, self.batch.inputs, self.positions),
+                               ce_zero_ablated=self.ce_zero[hook],
+                               kl=kl_divergence(self.clean_log_probs, log_probs, self.clean_probs))
+
+
+REPRODUCES_TOLERANCE = 1e-5
+
+
+def reproduces(x: torch.Tensor, x_hat: torch.Tensor) -> bool:
+    """Whether ``x_hat`` equals ``x`` up to float rounding: bitwise, or every row within a relative L2 distance of
+    1e-5 (a float32 full-rank orthonormal basis reconstructs to ~1e-6; any SAE is far above)."""
+    if torch.equal(x_hat, x):
+        return True
+    if x.dtype not in (torch.float32, torch.float64):
+        return False
+    error = (x_hat - x).norm(dim=1)
+    return bool((error <= REPRODUCES_TOLERANCE * x.norm(dim=1)).all())
 
 
 def _spliced(mask: torch.Tensor, values: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -116,3 +116,35 @@ def test_wide_codes_use_a_uniform_token_sample_whose_spectrum_is_exact() -> None
     everything = geometry(z, 256, max_exact_width=128, sample_size=1500)
     assert everything == pytest.approx(geometry(z, 256, max_exact_width=200), rel=1e-8)
     assert sampled[0]["spectrum_tokens"] == 300 and sampled[0]["spectrum_alpha_rank_max"] <= 100
+
+
+def test_a_square_orthonormal_basis_shares_the_spectrum_of_its_inputs() -> None:
+    from saebench_poly.sources.base import BasisEntry
+
+    x = torch.randn(900, 24, generator=torch.Generator().manual_seed(6)) @ torch.randn(
+        24, 24, generator=torch.Generator().manual_seed(7)) + 5
+    rotation, _ = torch.linalg.qr(torch.randn(24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(8)))
+    entry = BasisEntry(name="r", uri="random:h", kind="random", hook="h", basis=rotation.T.float(), center=x.mean(dim=0))
+    shared = CodeGeometry(entry, None)
+    assert shared.of_inputs
+    # the reference: the same spectrum from z computed in float64
+    direct = CodeGeometry(SimpleNamespace(width=24), None)
+    for chunk in x.split(128):
+        z = entry.encode(chunk)
+        shared.update(EntryBatch(x=chunk, z=z, x_hat=entry.decode(z)))
+        z64 = (chunk.double() - entry.center.double()) @ rotation
+        direct.update(EntryBatch(x=z64, z=z64, x_hat=z64))
+    assert shared.compute() == pytest.approx(direct.compute(), rel=1e-5)
+
+
+def test_units_that_never_fire_add_exact_zero_eigenvalues() -> None:
+    z = sparse_code(600, 120, 3, seed=9)
+    z[:, 100:] = 0  # 20 dead units
+    covariance = StreamingCovariance()
+    for chunk in z.split(100):
+        covariance.update(chunk)
+    from saebench_poly.metrics.geometry import covariance_eigenvalues
+
+    eigenvalues = covariance_eigenvalues(covariance.covariance())
+    torch.testing.assert_close(eigenvalues, torch.linalg.eigvalsh(torch.cov(z.T)).flip(0), rtol=1e-9, atol=1e-12)
+    assert bool((eigenvalues[-20:] == 0).all())

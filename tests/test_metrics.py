@@ -12,7 +12,7 @@ from saebench_poly.metrics import EntryBatch, all_metrics
 from saebench_poly.metrics.core import Reconstruction, Sparsity
 from saebench_poly.metrics.feature_recovery import FeatureRecovery
 from saebench_poly.metrics.moments import Moments
-from saebench_poly.sources.base import NeuronEntry, SAEEntry
+from saebench_poly.sources.base import BasisEntry, NeuronEntry, SAEEntry
 from tests.conftest import write_sae
 
 
@@ -106,6 +106,17 @@ def test_streaming_moments_match_the_dense_covariance() -> None:
     torch.testing.assert_close(moments.covariance(), torch.cov(x.T))
 
 
+def test_moments_of_parts_merge_to_the_moments_of_the_whole() -> None:
+    x = torch.randn(3000, 16, generator=torch.Generator().manual_seed(6)) * 2 + 300
+    exact = torch.cov(x.double().T)
+    for size in (1, 64, 3000):
+        moments = Moments()
+        for chunk in x.split(size):
+            moments.merge(Moments.of(chunk))
+        assert moments.comoment.dtype == torch.float64 and moments.count == 3000
+        torch.testing.assert_close(moments.covariance(), exact, rtol=1e-9, atol=1e-9)
+
+
 def test_feature_recovery_of_a_perfect_and_an_orthogonal_dictionary() -> None:
     truth = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 0]])  # the third feature was dropped
     adapter = SimpleNamespace(true_feature_directions=lambda hook: truth)
@@ -125,3 +136,16 @@ def test_every_metric_states_its_definition_and_direction() -> None:
     for name, (spec, accumulator) in all_metrics().items():
         assert spec.definition and spec.direction in ("higher", "lower", "neutral") and spec.version >= 1
         assert accumulator.__doc__, name
+
+
+def test_a_full_rank_basis_reproduces_its_input_and_an_sae_does_not() -> None:
+    from saebench_poly.activations import reproduces
+
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(2048, 256, generator=generator) * 3 + 20
+    rotation, _ = torch.linalg.qr(torch.randn(256, 256, dtype=torch.float64, generator=generator))
+    entry = BasisEntry(name="r", uri="random:h", kind="random", hook="h", basis=rotation.T.float(), center=x.mean(dim=0))
+    assert reproduces(x, entry.decode(entry.encode(x)))
+    assert reproduces(x, x.clone())
+    assert not reproduces(x, x * (1 + 1e-4))
+    assert not reproduces(x.half(), (x * (1 + 1e-6)).half() + 0.01)

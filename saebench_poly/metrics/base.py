@@ -60,7 +60,8 @@ class EntryBatch:
     reconstruction ``x_hat`` ``[N, d_out]``, where each row came from (``context`` ``[N]``: the
     context's index in the scored data, counted from 0 across batches; ``position`` ``[N]``: the token's position in
     it), the index of its first row among all scored tokens (``first_token``; the rows are consecutive tokens), and
-    downstream statistics when requested."""
+    downstream statistics when requested. ``shared``: a dict the pass hands every entry at the same hook in the same
+    batch (see `per_hook`)."""
 
     x: torch.Tensor
     z: torch.Tensor
@@ -69,7 +70,16 @@ class EntryBatch:
     position: torch.Tensor | None = None
     first_token: int | None = None
     downstream: DownstreamBatch | None = None
+    shared: dict[str, Any] = field(default_factory=dict, repr=False)
     _firing_counts: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def per_hook(self, key: str, compute: Callable[[torch.Tensor], Any]) -> Any:
+        """``compute(x)``, computed once per batch for all the entries at this hook (``x`` is the same for all of
+        them): ``compute`` must be a pure function of ``x``, and ``key`` name it. The result is shared: read it,
+        never change it in place."""
+        if key not in self.shared:
+            self.shared[key] = compute(self.x)
+        return self.shared[key]
 
     def firing_counts(self) -> torch.Tensor:
         """``[width]`` int64: on how many of the batch's rows each unit is active (z != 0); computed once per batch

@@ -70,9 +70,11 @@ def cross_entropy(log_probs: torch.Tensor, tokens: torch.Tensor, positions: torc
     return -log_probs.gather(-1, targets).squeeze(-1).to(torch.float64)
 
 
-def kl_divergence(clean: torch.Tensor, spliced: torch.Tensor) -> torch.Tensor:
-    """KL(p_clean || p_spliced) per position (float64) from two `next_token_log_probs`."""
-    return (clean.exp() * (clean - spliced)).sum(dim=-1).to(torch.float64)
+def kl_divergence(clean: torch.Tensor, spliced: torch.Tensor, clean_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p_clean || p_spliced) per position (float64) from two `next_token_log_probs`; ``clean_probs``, when given,
+    is ``clean.exp()`` computed once for several spliced forwards."""
+    probs = clean.exp() if clean_probs is None else clean_probs
+    return torch.linalg.vecdot(probs, clean - spliced).to(torch.float64)
 
 
 __all__ = ["Downstream", "DownstreamBatch", "cross_entropy", "kl_divergence", "next_token_log_probs"]

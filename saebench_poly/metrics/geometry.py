@@ -16,9 +16,13 @@ rotated coordinates; for an SAE, its latents.
 - spectrum_tokens: the number of tokens the covariance rests on.
 
 **Exact and sampled.** While the width is at most ``max_exact_width`` (default 4096) the covariance is exact over
-all N scored tokens: float64 streaming sums merged across batches with Chan et al.'s update (dense codes through
-`saebench_poly.metrics.moments.Moments`; sparse codes, at most width / 32 active units per token, through the sum of
-outer products of their active entries, which is the same number computed faster). Wider codes use a uniform
+all N scored tokens: streaming sums merged across batches in float64 with Chan et al.'s update (dense codes through
+`saebench_poly.metrics.moments.Moments`, each batch's product in float64; sparse codes, at most
+width / 32 active units per token, through the float64 sum of the outer products of their active entries, one
+triangle of them, which is the same number computed faster). For a square orthonormal basis (raw neurons, PCA,
+random rotation: z = (x - c) B^T) Cov(z) = B Cov(x) B^T has the eigenvalues of Cov(x), and those entries share one
+Cov(x) per hook and batch. Units whose covariance row is exactly zero (never active) add exact zero eigenvalues
+and are left out of the decomposition. Wider codes use a uniform
 sample of ``sample_size`` tokens (default 4096, without replacement): each token gets a pseudo-random key from its
 index in the scored data and ``seed`` (splitmix64), and the tokens with the smallest keys are kept (bottom-k
 sampling), so the sample does not depend on the batch size. The eigenvalues are then exactly those of the sample's
@@ -37,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec
 from saebench_poly.metrics.moments import Moments, chan_merge
+from saebench_poly.sources.base import BasisEntry
 
 SPARSE_ACTIVE_FRACTION = 1 / 32
 ZERO_EIGENVALUE = 1e-10
@@ -75,7 +80,8 @@ class StreamingCovariance:
         if n == 0:
             return
         active = z != 0
-        most = int(active.sum(dim=1).max())
+        per_row = active.sum(dim=1)
+        most = int(per_row.max())
         if most > width * SPARSE_ACTIVE_FRACTION:
             self.dense.update(z)
             return
@@ -83,17 +89,27 @@ class StreamingCovariance:
             self.sparse_sum = torch.zeros(width, dtype=torch.float64, device=z.device)
             self.sparse_outer = torch.zeros(width * width, dtype=torch.float64, device=z.device)
         self.sparse_count += n
-        self.sparse_sum += z.to(torch.float64).sum(dim=0)
+        self.sparse_sum += z.sum(dim=0, dtype=torch.float64)
         if most == 0:
             return
-        # each row's active entries, padded with zeros to the batch's most: [n, most]
-        index = torch.topk(active.to(torch.uint8), most, dim=1).indices
-        values = z.gather(1, index).to(torch.float64)
-        rows = max(1, _OUTER_CHUNK // (most * most))
-        for start in range(0, n, rows):
-            v, i = values[start : start + rows], index[start : start + rows]
-            outer = (v.unsqueeze(2) * v.unsqueeze(1)).reshape(-1)
-            self.sparse_outer.index_add_(0, (i.unsqueeze(2) * width + i.unsqueeze(1)).reshape(-1), outer)
+        # each row's active entries in increasing unit order, padded with zeros to the batch's most: [n, most]
+        rows, units = active.nonzero(as_tuple=True)
+        slot = torch.arange(rows.numel(), device=z.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
+        index = torch.zeros(n, most, dtype=torch.int64, device=z.device)
+        values = torch.zeros(n, most, dtype=torch.float64, device=z.device)
+        index[rows, slot] = units
+        values[rows, slot] = z[rows, units].to(torch.float64)
+        # the products of slots a <= b only: unit index[a] < index[b], the upper triangle (padding adds zeros)
+        first, second = torch.triu_indices(most, most, device=z.device)
+        chunk = max(1, _OUTER_CHUNK // first.numel())
+        for start in range(0, n, chunk):
+            v, i = values[start : start + chunk], index[start : start + chunk]
+            outer = (v[:, first] * v[:, second]).reshape(-1)
+            self.sparse_outer.index_add_(0, (i[:, first] * width + i[:, second]).reshape(-1), outer)
+
+    def merge_dense(self, moments: Moments) -> None:
+        """Fold in the moments of a batch of rows computed elsewhere (shared by entries with the same rows)."""
+        self.dense.merge(moments)
 
     def merge(self, other: StreamingCovariance) -> None:
         """Fold in the rows another covariance was fed."""
@@ -111,10 +127,23 @@ class StreamingCovariance:
         mean, comoment = self.dense.mean, self.dense.comoment
         if self.sparse_count:
             width = self.sparse_sum.numel()
+            upper = self.sparse_outer.view(width, width)
             mean_s = self.sparse_sum / self.sparse_count
-            comoment_s = self.sparse_outer.view(width, width) - self.sparse_count * torch.outer(mean_s, mean_s)
+            comoment_s = upper + upper.T - torch.diag(upper.diagonal()) - self.sparse_count * torch.outer(mean_s, mean_s)
             _, mean, comoment = chan_merge(self.dense.count, mean, comoment, self.sparse_count, mean_s, comoment_s)
         return comoment / max(self.count - 1, 1)
+
+
+def covariance_eigenvalues(covariance: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a covariance matrix, descending. Units whose row is exactly zero (never active, or constant)
+    contribute exactly zero eigenvalues: the decomposition runs on the other rows and columns only."""
+    keep = (covariance != 0).any(dim=1)
+    kept = int(keep.sum())
+    if kept == covariance.shape[0]:
+        return torch.linalg.eigvalsh(covariance).flip(0)
+    eigenvalues = torch.linalg.eigvalsh(covariance[keep][:, keep]) if kept else covariance.new_zeros(0)
+    zeros = covariance.new_zeros(covariance.shape[0] - kept)
+    return torch.sort(torch.cat([eigenvalues, zeros]), descending=True).values
 
 
 def sample_keys(start: int, count: int, seed: int) -> torch.Tensor:
@@ -236,8 +265,14 @@ class CodeGeometry(Accumulator):
         self.exact = entry.width <= self.options.max_exact_width
         self.covariance = StreamingCovariance() if self.exact else None
         self.sample = None if self.exact else TokenSample(self.options.sample_size, self.options.seed)
+        # z = (x - c) B^T with B square and orthonormal: Cov(z) = B Cov(x) B^T has the eigenvalues of Cov(x), which
+        # the entries of one hook (its neurons, PCA, random rotation) share, batch by batch (`EntryBatch.per_hook`)
+        self.of_inputs = self.exact and isinstance(entry, BasisEntry) and entry.width == entry.d_in
 
     def update(self, batch: EntryBatch) -> None:
+        if self.of_inputs:
+            self.covariance.merge_dense(batch.per_hook("moments", lambda x: Moments.of(x.detach())))
+            return
         z = batch.z.detach()
         if self.exact:
             self.covariance.update(z)
@@ -255,7 +290,7 @@ class CodeGeometry(Accumulator):
         if self.exact:
             if self.covariance.count < 2:
                 return torch.zeros(0, dtype=torch.float64), self.covariance.count
-            return torch.linalg.eigvalsh(self.covariance.covariance()).flip(0), self.covariance.count
+            return covariance_eigenvalues(self.covariance.covariance()), self.covariance.count
         if self.sample.keys is None or self.sample.keys.numel() < 2:
             return torch.zeros(0, dtype=torch.float64), 0
         return self.sample.covariance_eigenvalues(), int(self.sample.keys.numel())

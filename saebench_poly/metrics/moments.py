@@ -1,4 +1,4 @@
-"""Streaming first and second moments of activations, merged batch by batch in float64."""
+"""Streaming first and second moments of activations, batch by batch, merged in float64."""
 
 from __future__ import annotations
 
@@ -24,27 +24,36 @@ def chan_merge(count_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b: 
 
 @dataclass
 class Moments:
-    """Streaming mean and covariance of a hook's activations in float64 (Chan et al.'s pairwise update of the
-    co-moment matrix C = sum_t (x_t - mean)(x_t - mean)^T)."""
+    """Streaming mean and covariance of rows (Chan, Golub & LeVeque 1979: the pairwise update of the co-moment
+    matrix C = sum_t (x_t - mean)(x_t - mean)^T). A batch's own moments (`of`) are merged into the running ones
+    (`merge`), so that moments computed once can feed several accumulators, and partial results can be combined."""
 
     count: int = 0
     mean: torch.Tensor | None = None
     comoment: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor) -> None:
+    @classmethod
+    def of(cls, x: torch.Tensor) -> Moments:
+        """The moments of the rows of ``x`` ``[n, d]`` alone, in float64. (The product stays in float64: float32
+        sums of 2,048 products lose the small eigenvalues of an ill-conditioned covariance, ~1e-6 of the largest.)"""
+        n = x.shape[0]
+        if n == 0:
+            return cls()
         x = x.to(torch.float64)
-        n_b = x.shape[0]
-        if n_b == 0:
-            return
-        mean_b = x.mean(dim=0)
-        centered = x - mean_b
-        self.count, self.mean, self.comoment = chan_merge(self.count, self.mean, self.comoment, n_b, mean_b,
-                                                          centered.T @ centered)
+        mean = x.mean(dim=0)
+        centred = x - mean
+        return cls(n, mean, centred.T @ centred)
 
     def merge(self, other: Moments) -> None:
-        """Fold in the moments of other rows (disjoint from these)."""
+        """Fold ``other`` (moments of other rows) in; ``other`` is left unchanged."""
+        if other.count == 0:
+            return
         self.count, self.mean, self.comoment = chan_merge(self.count, self.mean, self.comoment, other.count,
                                                           other.mean, other.comoment)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold the rows of ``x`` in."""
+        self.merge(Moments.of(x))
 
     def covariance(self) -> torch.Tensor:
         return self.comoment / max(self.count - 1, 1)

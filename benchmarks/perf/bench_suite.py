@@ -1,0 +1,325 @@
+"""Where the time of a run goes, family by family, measured in one run on the same data.
+
+Two cases, each on random weights (throughput does not depend on what the weights learned):
+
+- ``tl``: the random 4-layer transformer-lens model of `bench_pass.py` (d_model 256) and two TopK SAEs of 4,096
+  latents on ``blocks.2.hook_resid_post`` and ``blocks.2.hook_mlp_out``; the run adds the MLP neurons of block 2
+  and the neurons, PCA and random rotation of the residual stream, and scores the downstream splices;
+- ``bert``: a BERT-size encoder (Hugging Face ``BertModel``: 6 layers, hidden 384, intermediate 1536, the shape of
+  MiniLM-L6) and two TopK SAEs of 3,072 latents (L0 32) on the 1,536 MLP neurons of layer 3
+  (``encoder.layer.3.intermediate.intermediate_act_fn``); the run adds their neurons, PCA and random rotation (an
+  encoder has no next-token loss, so no downstream splices).
+
+For each case, on the entries a run scores (the SAEs and the baselines it adds; PCA fitted once, up front):
+
+- bare pass: the model forward with the hooks cached, plus every entry's encode and decode (the
+  `saebench_poly.activations.score` loop with no accumulator); "SAEs only" also drops the baselines;
+- each metric family alone: the same pass feeding that family's accumulators, then their `compute`;
+- the post-pass stage (`saebench_poly.activations.revisit`, after the polysemanticity selection) and the
+  Parquet write (records and `leaderboard.replace_spec_rows`), each added to the bare pass;
+- the full suite: `run_benchmark` end to end as the CLI runs it (model and entry loading, PCA fit, the pass with
+  every metric, the post-pass stage, the write), with and without the downstream splices.
+
+Each configuration runs ``--repeats`` times, round-robin (so that a shared machine's drift hits all of them), and
+the median counts. Ratios are tokens/s of the configuration over tokens/s of the bare pass (1 = free).
+``--rss`` also runs the full suite in fresh processes at 1x and 10x ``--rss-tokens`` and reports their peak RSS.
+
+    python benchmarks/perf/bench_suite.py [--case tl|bert|all] [--tokens N] [--repeats R] [--rss] [--only F ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pass import build_inputs  # noqa: E402
+
+# family label -> the accumulator families (registry names) it feeds
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "core": ("sparsity", "reconstruction"),
+    "downstream": ("downstream",),
+    "capacity": ("capacity",),
+    "rate": ("rate",),
+    "geometry": ("geometry",),
+    "polysemanticity selection": ("polysemanticity",),
+}
+STAGES = ("post-pass stage", "parquet write")
+FULL = ("full suite without downstream", "full suite")
+
+
+def build_bert(folder: Path, tokens: int, context: int, batch_size: int, d_sae: int) -> Path:
+    """A random BERT-size encoder, two random TopK SAEs on its layer-3 MLP neurons, token rows, and the spec."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder / "model", safe_serialization=True)
+    hook = "encoder.layer.3.intermediate.intermediate_act_fn"
+    for index in range(2):
+        sae = TopKSAE(TopKSAEConfig(d_in=1536, d_sae=d_sae, k=32))
+        with torch.no_grad():
+            for param in sae.parameters():
+                param.normal_(0, 0.02)
+        sae.cfg.metadata.hook_name = hook
+        sae.save_model(folder / f"sae{index}")
+    _token_rows(folder, tokens, context, 8192)
+    spec = folder / "spec.toml"
+    spec.write_text(
+        f'name = "perf-bert"\ntokens = {tokens}\nfit_tokens = {max(tokens // 4, 1024)}\ncontext_size = {context}\n'
+        f'batch_size = {batch_size}\nbos_token_id = 0\ndevice = "cpu"\nhooks = ["{hook}"]\n'
+        'entries = ["disk:sae0", "disk:sae1"]\noutput = "board.parquet"\n'
+        f'[model]\nloader = "hf"\nname = "{folder / "model"}"\n'
+        '[dataset]\nkind = "tokens"\npath = "tokens.parquet"\n'
+    )
+    return spec
+
+
+def _token_rows(folder: Path, tokens: int, context: int, vocab: int) -> None:
+    rng = np.random.default_rng(0)
+    rows = 2 * tokens // context + 8
+    pd.DataFrame({"input_ids": [rng.integers(1, vocab, context).tolist() for _ in range(rows)]}).to_parquet(
+        folder / "tokens.parquet")
+
+
+def build_case(case: str, folder: Path, args: argparse.Namespace, tokens: int) -> Path:
+    if case == "bert":
+        return build_bert(folder, tokens, args.context, args.batch_size, args.bert_d_sae)
+    tl = argparse.Namespace(layers=4, d_model=256, context=args.context, vocab=4096, d_sae=4096, tokens=tokens,
+                            batch_size=args.batch_size, device="cpu")
+    spec, _ = build_inputs(folder, tl)
+    return spec
+
+
+class Prepared:
+    """The model, the entries a run scores (PCA fitted) and the scored batches, loaded once."""
+
+    def __init__(self, loaded) -> None:
+        from saebench_poly.activations import fit_baselines
+        from saebench_poly.inputs import Inputs
+        from saebench_poly.metrics import resolve_metric_options
+        from saebench_poly.models import MODEL_LOADERS
+        from saebench_poly.run import _load_entries
+
+        spec = loaded.spec
+        self.loaded, self.device = loaded, torch.device("cpu")
+        self.adapter = MODEL_LOADERS.get(spec.model.loader)(spec.model, self.device, torch.float32)
+        self.inputs = Inputs(spec, self.adapter)
+        self.entries = _load_entries(loaded, self.adapter, self.device, torch.float32)
+        fit_baselines(self.adapter, self.entries, self.inputs.batches("fit"))
+        for entry in self.entries:
+            entry.to(self.device, torch.float32)
+        self.batches = list(self.inputs.batches("score"))
+        self.options = resolve_metric_options(spec.metric_options)
+
+    def scored(self, families: tuple[str, ...], saes_only: bool = False):
+        from saebench_poly.activations import ScoredEntry
+        from saebench_poly.metrics import ACCUMULATORS, build_accumulator
+
+        scored = []
+        for entry in self.entries:
+            if saes_only and entry.kind != "sae":
+                continue
+            kinds = [ACCUMULATORS.get(name) for name in families]
+            accumulators = [build_accumulator(kind, entry, self.adapter, self.options) for kind in kinds
+                            if kind.applies(entry, self.adapter)]
+            scored.append(ScoredEntry(entry, accumulators))
+        return scored
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCKS["cpu"]
+
+
+def _timed_seconds(work: Callable[[], object]) -> float:
+    start = clock()
+    work()
+    return clock() - start
+
+
+def pass_seconds(prepared: Prepared, families: tuple[str, ...], saes_only: bool = False) -> tuple[int, float]:
+    """One scoring pass feeding ``families`` on every entry, then their `compute` (except for the polysemanticity
+    selection, whose results come after the post-pass stage): tokens, seconds."""
+    from saebench_poly.activations import score
+
+    scored = prepared.scored(families, saes_only)
+    tokens = 0
+
+    def work() -> None:
+        nonlocal tokens
+        tokens = score(prepared.adapter, scored, prepared.batches)
+        if families != FAMILIES["polysemanticity selection"]:
+            for item in scored:
+                for accumulator in item.accumulators:
+                    accumulator.compute()
+
+    seconds = _timed_seconds(work)
+    return tokens, seconds
+
+
+def stage_seconds(prepared: Prepared, stage: str, board: Path) -> float:
+    """Seconds of the post-pass stage (after a pass with the polysemanticity selection) or of the Parquet write
+    (after a pass with every metric and the records built from it, whose `compute` calls belong to the families):
+    the stage alone, not what comes before it."""
+    from saebench_poly import leaderboard
+    from saebench_poly.activations import revisit, score
+    from saebench_poly.metrics import ACCUMULATORS, resolve_metrics
+    from saebench_poly.run import _records
+
+    if stage == "post-pass stage":
+        scored = prepared.scored(FAMILIES["polysemanticity selection"])
+        score(prepared.adapter, scored, prepared.batches)
+        return _timed_seconds(lambda: revisit(scored, prepared.inputs.scored_contexts))
+    metrics = resolve_metrics(None)
+    scored = prepared.scored(tuple(ACCUMULATORS.names()))
+    tokens = score(prepared.adapter, scored, prepared.batches)
+    revisit(scored, prepared.inputs.scored_contexts)
+    spec = prepared.loaded.spec
+    rows, units = _records(prepared.loaded, prepared.adapter, prepared.inputs, scored, metrics, tokens, prepared.device)
+    board.unlink(missing_ok=True)
+    write = lambda: leaderboard.replace_spec_rows(board, spec.name, rows, units, settings=spec.settings())  # noqa: E731
+    return _timed_seconds(write)
+
+
+class TimingReporter:
+    """Records the wall time of each task a run reports (`saebench_poly.run.Reporter`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def task(self, description: str, total: int | None):
+        start = clock()
+        yield lambda _n: None
+        self.seconds[description.split(" ")[0]] = clock() - start
+
+    def message(self, text: str) -> None:
+        pass
+
+
+def full_seconds(loaded, downstream: bool) -> tuple[int, float, dict[str, float]]:
+    """`run_benchmark` end to end (writing its leaderboard): tokens, seconds, seconds per reported task."""
+    from saebench_poly.metrics import all_metrics
+    from saebench_poly.run import run_benchmark
+    from saebench_poly.spec import with_overrides
+
+    metrics = None if downstream else [n for n, (spec, _) in all_metrics().items() if spec.family != "downstream"]
+    reporter = TimingReporter()
+    loaded = with_overrides(loaded, {"metrics": metrics})
+    start = clock()
+    result = run_benchmark(loaded, reporter)
+    return result.tokens_scored, clock() - start, reporter.seconds
+
+
+def measure(case: str, args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """(label, tokens/s, ratio to the bare pass) for every configuration of ``case``."""
+    from saebench_poly.spec import load_spec
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        loaded = load_spec(build_case(case, folder, args, args.tokens if case == "tl" else args.bert_tokens))
+        prepared = Prepared(loaded)
+        downstream = prepared.adapter.supports_downstream
+        wanted = [label for label in (*FAMILIES, *STAGES, *FULL) if not args.only or label in args.only]
+        if not downstream:
+            wanted = [label for label in wanted if label not in ("downstream", "full suite")]
+        pass_seconds(prepared, ())  # warm-up: first-call allocations and kernel selection
+        seconds: dict[str, list[float]] = {}
+        tokens = 0
+        for _ in range(args.repeats):
+            tokens, bare = pass_seconds(prepared, ())
+            seconds.setdefault("bare pass", []).append(bare)
+            seconds.setdefault("bare pass, SAEs only", []).append(pass_seconds(prepared, (), saes_only=True)[1])
+            for label in wanted:
+                if label in FAMILIES:
+                    value = pass_seconds(prepared, FAMILIES[label])[1]
+                elif label in STAGES:
+                    value = bare + stage_seconds(prepared, label, folder / "stage.parquet")
+                else:
+                    value = full_seconds(loaded, downstream=label == "full suite")[1]
+                seconds.setdefault(label, []).append(value)
+        entries = ", ".join(f"{e.name} ({e.width})" for e in prepared.entries)
+    median = {label: statistics.median(values) for label, values in seconds.items()}
+    print(f"\ncase {case}: {tokens} tokens, batch {args.batch_size} x context {args.context}, "
+          f"{torch.get_num_threads()} thread(s), {args.clock} time, median of {args.repeats}; entries: {entries}")
+    print(f"  {'configuration':<32} {'tokens/s':>10}   ratio to bare (every entry / SAEs only)")
+    results = []
+    bare, saes = median["bare pass"], median["bare pass, SAEs only"]
+    for label, value in median.items():
+        results.append((label, tokens / value, bare / value, saes / value))
+        print(f"  {label:<32} {tokens / value:10,.0f}   {bare / value:6.3f} / {saes / value:6.3f}   "
+              f"({value:.2f} s; runs {', '.join(f'{v:.2f}' for v in seconds[label])})")
+    return results
+
+
+def peak_rss(case: str, args: argparse.Namespace, tokens: int) -> float:
+    """Peak resident memory (GiB) of a fresh process that runs the full suite of ``case`` on ``tokens`` tokens."""
+    command = [sys.executable, __file__, "--child-rss", case, "--threads", str(args.threads), "--context", str(args.context),
+               "--batch-size", str(args.batch_size), "--bert-d-sae", str(args.bert_d_sae), "--tokens", str(tokens)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_rss_gib"]
+
+
+def child_rss(case: str, args: argparse.Namespace) -> None:
+    from saebench_poly.run import run_benchmark
+    from saebench_poly.spec import load_spec
+
+    with tempfile.TemporaryDirectory() as scratch:
+        run_benchmark(load_spec(build_case(case, Path(scratch), args, args.tokens)))
+    # ru_maxrss is in KiB on Linux
+    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=("tl", "bert", "all"), default="all")
+    parser.add_argument("--tokens", type=int, default=16_384, help="scored tokens of the tl case")
+    parser.add_argument("--bert-tokens", type=int, default=8_192, help="scored tokens of the bert case")
+    parser.add_argument("--bert-d-sae", type=int, default=3072)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="measure only these configurations (labels as printed)")
+    parser.add_argument("--rss", action="store_true", help="also measure peak RSS of the full suite at 1x and 10x")
+    parser.add_argument("--rss-tokens", type=int, default=4_096)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is wall time, idle)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
+                        help="process CPU time (robust to other processes on a shared machine) or wall time")
+    parser.add_argument("--child-rss", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
+    torch.set_num_threads(args.threads)
+    if args.child_rss:
+        child_rss(args.child_rss, args)
+        return
+    cases = ("tl", "bert") if args.case == "all" else (args.case,)
+    for case in cases:
+        measure(case, args)
+    if args.rss:
+        for case in cases:
+            low, high = (peak_rss(case, args, factor * args.rss_tokens) for factor in (1, 10))
+            print(f"case {case}: full suite peak RSS {low:.2f} GiB at {args.rss_tokens} tokens, {high:.2f} GiB at "
+                  f"{10 * args.rss_tokens} tokens (+{100 * (high / low - 1):.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
