@@ -155,48 +155,80 @@ def _timed_seconds(work: Callable[[], object]) -> float:
     return clock() - start
 
 
-def pass_seconds(prepared: Prepared, families: tuple[str, ...], saes_only: bool = False) -> tuple[int, float]:
+def pass_seconds(prepared: Prepared, families: tuple[str, ...], saes_only: bool = False) -> tuple[int, float, float]:
     """One scoring pass feeding ``families`` on every entry, then their `compute` (except for the polysemanticity
-    selection, whose results come after the post-pass stage): tokens, seconds."""
+    selection, whose results come after the post-pass stage): tokens, seconds in all, seconds of `compute`."""
     from saebench_poly.activations import score
 
     scored = prepared.scored(families, saes_only)
-    tokens = 0
+    tokens, computing = 0, 0.0
 
     def work() -> None:
-        nonlocal tokens
+        nonlocal tokens, computing
         tokens = score(prepared.adapter, scored, prepared.batches)
         if families != FAMILIES["polysemanticity selection"]:
-            for item in scored:
-                for accumulator in item.accumulators:
-                    accumulator.compute()
+            computing = _timed_seconds(lambda: [a.compute() for item in scored for a in item.accumulators])
 
     seconds = _timed_seconds(work)
-    return tokens, seconds
+    return tokens, seconds, computing
+
+
+def necessary_forwards_seconds(prepared: Prepared) -> float:
+    """The bare pass plus the forwards that the downstream statistics cannot do without: the clean forward to the
+    logits, one zero-ablation per hook, one splice per entry whose reconstruction differs from its input (beyond
+    rounding, `saebench_poly.activations.reproduces`); no log-probabilities, no statistics."""
+    from saebench_poly.activations import _spliced, reproduces
+
+    adapter, entries = prepared.adapter, prepared.entries
+    hooks = sorted({hook for entry in entries for hook in (entry.hook, entry.output_hook)})
+    spliced_hooks = sorted({entry.output_hook for entry in entries})
+
+    def work() -> None:
+        with torch.no_grad():
+            for batch in prepared.batches:
+                clean = adapter.forward(batch, hooks, logits=True)
+                activations = {hook: clean.activations[hook][batch.score_mask] for hook in hooks}
+                for hook in spliced_hooks:
+                    adapter.forward_with_replacement(batch, clean, hook, _spliced(batch.score_mask, None))
+                for entry in entries:
+                    x = activations[entry.hook]
+                    x_hat = entry.reconstruct(x, entry.encode(x))
+                    if not reproduces(activations[entry.output_hook], x_hat):
+                        adapter.forward_with_replacement(batch, clean, entry.output_hook, _spliced(batch.score_mask, x_hat))
+
+    return _timed_seconds(work)
 
 
 def stage_seconds(prepared: Prepared, stage: str, board: Path) -> float:
-    """Seconds of the post-pass stage (after a pass with the polysemanticity selection) or of the Parquet write
-    (after a pass with every metric and the records built from it, whose `compute` calls belong to the families):
+    """Seconds of the post-pass stage (after a pass with the polysemanticity selection: the characteristic examples'
+    re-run and behaviours, then the stored examples' windows) or of the Parquet write (after a pass with every
+    metric, the post-pass stage and the records built from them, whose `compute` calls belong to the families):
     the stage alone, not what comes before it."""
     from saebench_poly import leaderboard
     from saebench_poly.activations import revisit, score
+    from saebench_poly.example_windows import stored_examples
     from saebench_poly.metrics import ACCUMULATORS, resolve_metrics
     from saebench_poly.run import _records
+    from saebench_poly.stored_examples import DEFAULT_MEMBERS
+
+    contexts = prepared.inputs.scored_contexts
+    families = FAMILIES["polysemanticity selection"] if stage == "post-pass stage" else tuple(ACCUMULATORS.names())
+    scored = prepared.scored(families)
+    tokens = score(prepared.adapter, scored, prepared.batches)
+
+    def post_pass() -> dict:
+        revisit(scored, contexts)
+        return stored_examples(scored, contexts, prepared.adapter, DEFAULT_MEMBERS, lambda _n: None)
 
     if stage == "post-pass stage":
-        scored = prepared.scored(FAMILIES["polysemanticity selection"])
-        score(prepared.adapter, scored, prepared.batches)
-        return _timed_seconds(lambda: revisit(scored, prepared.inputs.scored_contexts))
-    metrics = resolve_metrics(None)
-    scored = prepared.scored(tuple(ACCUMULATORS.names()))
-    tokens = score(prepared.adapter, scored, prepared.batches)
-    revisit(scored, prepared.inputs.scored_contexts)
+        return _timed_seconds(post_pass)
+    windows = post_pass()
     spec = prepared.loaded.spec
-    rows, units = _records(prepared.loaded, prepared.adapter, prepared.inputs, scored, metrics, tokens, prepared.device)
+    rows, units, stored = _records(prepared.loaded, prepared.adapter, prepared.inputs, scored, resolve_metrics(None),
+                                   tokens, prepared.device, windows)
     board.unlink(missing_ok=True)
-    write = lambda: leaderboard.replace_spec_rows(board, spec.name, rows, units, settings=spec.settings())  # noqa: E731
-    return _timed_seconds(write)
+    return _timed_seconds(lambda: leaderboard.replace_spec_rows(board, spec.name, rows, units, settings=spec.settings(),
+                                                                examples=stored))
 
 
 class TimingReporter:
@@ -243,14 +275,18 @@ def measure(case: str, args: argparse.Namespace) -> list[tuple[str, float, float
             wanted = [label for label in wanted if label not in ("downstream", "full suite")]
         pass_seconds(prepared, ())  # warm-up: first-call allocations and kernel selection
         seconds: dict[str, list[float]] = {}
+        fixed: dict[str, list[float]] = {}
         tokens = 0
         for _ in range(args.repeats):
-            tokens, bare = pass_seconds(prepared, ())
+            tokens, bare, _ = pass_seconds(prepared, ())
             seconds.setdefault("bare pass", []).append(bare)
             seconds.setdefault("bare pass, SAEs only", []).append(pass_seconds(prepared, (), saes_only=True)[1])
+            if downstream and "downstream" in wanted:
+                seconds.setdefault("downstream: necessary forwards", []).append(necessary_forwards_seconds(prepared))
             for label in wanted:
                 if label in FAMILIES:
-                    value = pass_seconds(prepared, FAMILIES[label])[1]
+                    _, value, computing = pass_seconds(prepared, FAMILIES[label])
+                    fixed.setdefault(label, []).append(computing)
                 elif label in STAGES:
                     value = bare + stage_seconds(prepared, label, folder / "stage.parquet")
                 else:
@@ -260,13 +296,22 @@ def measure(case: str, args: argparse.Namespace) -> list[tuple[str, float, float
     median = {label: statistics.median(values) for label, values in seconds.items()}
     print(f"\ncase {case}: {tokens} tokens, batch {args.batch_size} x context {args.context}, "
           f"{torch.get_num_threads()} thread(s), {args.clock} time, median of {args.repeats}; entries: {entries}")
-    print(f"  {'configuration':<32} {'tokens/s':>10}   ratio to bare (every entry / SAEs only)")
+    print(f"  {'configuration':<32} {'tokens/s':>10}   ratio to bare (every entry / SAEs only);  per-batch ratio and "
+          "fixed seconds (compute) of a family")
     results = []
     bare, saes = median["bare pass"], median["bare pass, SAEs only"]
     for label, value in median.items():
         results.append((label, tokens / value, bare / value, saes / value))
-        print(f"  {label:<32} {tokens / value:10,.0f}   {bare / value:6.3f} / {saes / value:6.3f}   "
+        split = ""
+        if label in fixed:
+            computing = statistics.median(fixed[label])
+            split = f"  per batch {bare / (value - computing):6.3f}, fixed {computing:6.2f} s"
+        print(f"  {label:<32} {tokens / value:10,.0f}   {bare / value:6.3f} / {saes / value:6.3f}{split}   "
               f"({value:.2f} s; runs {', '.join(f'{v:.2f}' for v in seconds[label])})")
+    if "downstream" in median and "downstream: necessary forwards" in median:
+        needed = median["downstream: necessary forwards"] - bare
+        print(f"  downstream costs {(median['downstream'] - bare) / needed:.2f}x its necessary forwards "
+              f"({median['downstream'] - bare:.2f} s against {needed:.2f} s)")
     return results
 
 

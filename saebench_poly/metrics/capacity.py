@@ -39,7 +39,8 @@ feature dimensionality. Known values: k identical directions 1/k each, an antipo
   frequencies, and where the model knows its features the raw-neuron entry's rows carry the true-feature version
   (`saebench_poly.metrics.neuron_truth`).
 
-**Memory.** The Gram matrix is never held: `gram_tiles` yields it in tiles of at most ``max_tile_elements`` float64
+**Memory.** The Gram matrix is never held: `gram_tiles` yields its upper triangle (each tile standing for its
+transpose too, which halves the products) in tiles of at most ``max_tile_elements`` float64
 entries (default 2^24, 128 MiB), converting the rows of each tile from the stored weights on the fly; a tile's
 operands hold at most as many entries again. A 65,536 x 2,304 float32 decoder (576 MiB) is scored with a peak
 resident memory of 1.2 GiB for the whole process on CPU (measured); on a GPU, 1M latents need their weights (9 GB
@@ -101,17 +102,18 @@ def tile_shape(width: int, d_in: int, max_tile_elements: int) -> tuple[int, int]
     return rows, cols
 
 
-def gram_tiles(directions: torch.Tensor, max_tile_elements: int, norms: torch.Tensor | None = None
-               ) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+def gram_tiles(directions: torch.Tensor, max_tile_elements: int, norms: torch.Tensor | None = None,
+               upper: bool = False) -> Iterator[tuple[slice, slice, torch.Tensor]]:
     """(row slice, column slice, cosine tile) for the whole Gram matrix of the unit-normalised ``directions``,
-    tile by tile, in float64."""
+    tile by tile, in float64; with ``upper``, for each block of rows only the columns from its first row on (the
+    matrix is symmetric: the other entries are the transposes of these)."""
     width, d_in = directions.shape
     norms = row_norms(directions) if norms is None else norms
     rows, cols = tile_shape(width, d_in, max_tile_elements)
     for r in range(0, width, rows):
         row_slice = slice(r, min(r + rows, width))
         left = _unit_rows(directions, row_slice, norms)
-        for c in range(0, width, cols):
+        for c in range(r if upper else 0, width, cols):
             col_slice = slice(c, min(c + cols, width))
             yield row_slice, col_slice, left @ _unit_rows(directions, col_slice, norms).T
 
@@ -152,10 +154,15 @@ def capacity(directions: torch.Tensor, live: torch.Tensor, block_threshold: floa
     weights = torch.stack([torch.ones(width, dtype=torch.float64, device=device), live.to(torch.float64)], dim=1)
     sums = torch.zeros(width, 2, dtype=torch.float64, device=device)
     parent = torch.arange(width, device=device)
-    for rows, cols, tile in gram_tiles(directions, max_tile_elements, norms):
+    for rows, cols, tile in gram_tiles(directions, max_tile_elements, norms, upper=True):
         if observe_tile is not None:
             observe_tile(tuple(tile.shape))
-        sums[rows] += tile.square() @ weights[cols]
+        squared = tile.square()
+        sums[rows] += squared @ weights[cols]
+        # columns past the row block: their entries (i, j) also stand for (j, i), which no tile holds
+        past = min(max(rows.stop - cols.start, 0), squared.shape[1])
+        if past < squared.shape[1]:
+            sums[cols.start + past : cols.stop] += squared[:, past:].T @ weights[rows]
         i, j = (tile.abs() > block_threshold).nonzero(as_tuple=True)
         i, j = i + rows.start, j + cols.start
         # each undirected edge once (j > i), between live nonzero directions only

@@ -101,31 +101,29 @@ class Reconstruction(Accumulator):
         self.m2: torch.Tensor | None = None
 
     def update(self, batch: EntryBatch) -> None:
-        x = batch.x.detach().to(torch.float64)
-        x_hat = batch.x_hat.detach().to(torch.float64)
-        n = x.shape[0]
+        n = batch.x.shape[0]
         if n == 0:
             return
-        error = x - x_hat
-        self.squared_error += float(error.square().sum())
-        self._merge_moments(x)
-        x_norm = x.norm(dim=1)
+        # what depends on x alone is computed once per batch for all the entries at the hook
+        x, x_norm, mean_b, m2_b = batch.per_hook("reconstruction", _input_statistics)
+        x_hat = batch.x_hat.detach().to(torch.float64)
+        error_squared = (x - x_hat).square().sum(dim=1)
+        self.squared_error += float(error_squared.sum())
+        self._merge_moments(n, mean_b, m2_b)
         keep = x_norm > 0
         x_norm = x_norm[keep]
-        hat_norm = x_hat[keep].norm(dim=1)
-        dot = (x[keep] * x_hat[keep]).sum(dim=1)
+        hat_norm = x_hat.norm(dim=1)[keep]
+        dot = torch.linalg.vecdot(x, x_hat)[keep]
         cosine = torch.where(hat_norm > 0, dot / (x_norm * hat_norm).clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         self.cosine_sum += float(cosine.sum())
-        self.relative_error_sum += float((error[keep].norm(dim=1) / x_norm).sum())
+        self.relative_error_sum += float((error_squared[keep].sqrt() / x_norm).sum())
         self.norm_ratio_sum += float((hat_norm / x_norm).sum())
         self.nonzero_tokens += int(keep.sum())
         self.tokens += n
 
-    def _merge_moments(self, x: torch.Tensor) -> None:
+    def _merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Merge a batch's per-dimension mean and M2 into the running ones (`chan_merge`)."""
-        mean_b = x.mean(dim=0)
-        _, self.mean, self.m2 = chan_merge(self.tokens, self.mean, self.m2, x.shape[0], mean_b,
-                                           (x - mean_b).square().sum(dim=0))
+        _, self.mean, self.m2 = chan_merge(self.tokens, self.mean, self.m2, n_b, mean_b, m2_b)
 
     def merge(self, other: Reconstruction) -> None:
         if other.tokens == 0:
@@ -144,3 +142,10 @@ class Reconstruction(Accumulator):
             "relative_l2_error": self.relative_error_sum / nonzero,
             "l2_norm_ratio": self.norm_ratio_sum / nonzero,
         }
+
+
+def _input_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x in float64, its row norms, and its per-dimension mean and M2 (sum of squared deviations)."""
+    x = x.detach().to(torch.float64)
+    mean = x.mean(dim=0)
+    return x, x.norm(dim=1), mean, (x - mean).square().sum(dim=0)
