@@ -33,7 +33,9 @@ from saebench_poly.stored_examples import check_file_schema, examples_fields, ex
 
 # 2: leaderboard gains the frontier flags (pareto_*), the per-unit table the capacity, neuron_truth and
 #    polysemanticity (neuron-embedding) columns.
-SCHEMA_VERSION = 2
+# 3: the per-unit polysemanticity columns name the behaviour rule and its cut (behaviour_rule, behaviour_cut,
+#    cut_sweep replace tau, tau_sweep) and list each unit's examples and their behaviours (example_*).
+SCHEMA_VERSION = 3
 SCHEMA_METADATA_KEY = b"saebench_poly.schema_version"
 TABLE_METADATA_KEY = b"saebench_poly.table"
 PROVENANCE_METADATA_KEY = b"saebench_poly.provenance"
@@ -96,19 +98,24 @@ UNITS_SCHEMA = pa.schema(
         pa.field("neuron_truth_pr", pa.float64(), nullable=True),
         pa.field("neuron_truth_features_by_weights", pa.float64(), nullable=True),
         # saebench_poly.metrics.polysemanticity (neuron embeddings, Foote 2024): status (ok, too_few_examples,
-        # no_embedding), characteristic examples, behaviours K at tau and at each tau of tau_sweep, exp(H), the
-        # largest behaviour's share, the mean cosine of the examples, and each behaviour's size and central example
+        # too_weak, no_embedding), characteristic examples, behaviours K by the rule (behaviour_rule, with the unit's
+        # similarity cut) and at each cut of cut_sweep, exp(H), the largest behaviour's share, the mean cosine of
+        # the examples, each behaviour's size and central example, and each example with its behaviour
         pa.field("poly_status", pa.string(), nullable=True),
         pa.field("n_examples", pa.int64(), nullable=True),
         pa.field("n_behaviours", pa.int64(), nullable=True),
-        pa.field("tau", pa.float64(), nullable=True),
-        pa.field("tau_sweep", pa.list_(pa.float64()), nullable=True),
+        pa.field("behaviour_rule", pa.string(), nullable=True),
+        pa.field("behaviour_cut", pa.float64(), nullable=True),
+        pa.field("cut_sweep", pa.list_(pa.float64()), nullable=True),
         pa.field("n_behaviours_sweep", pa.list_(pa.int64()), nullable=True),
         pa.field("effective_behaviours", pa.float64(), nullable=True),
         pa.field("largest_behaviour_share", pa.float64(), nullable=True),
         pa.field("mean_example_cosine", pa.float64(), nullable=True),
         pa.field("behaviour_sizes", pa.list_(pa.int64()), nullable=True),
         pa.field("central_examples", pa.list_(pa.struct([("context", pa.int64()), ("position", pa.int64())])), nullable=True),
+        pa.field("example_contexts", pa.list_(pa.int64()), nullable=True),
+        pa.field("example_positions", pa.list_(pa.int64()), nullable=True),
+        pa.field("example_behaviours", pa.list_(pa.int64()), nullable=True),
     ]
 )
 

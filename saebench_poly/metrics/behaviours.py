@@ -1,9 +1,18 @@
 """Distinct behaviours of units from the neuron embeddings of their examples (Foote 2024, section 3), batched over units.
 
-For one unit with n examples and embeddings e_1..e_n, the behaviour graph has an edge i - j when
-cos(e_i, e_j) > tau; its connected components are the unit's behaviours. Every function here takes a chunk of U units
-at once: embeddings ``[U, n, d]``, a mask ``[U, n]`` of the examples that exist, and works on ``[U, n, n]`` tensors on
-their device, with no loop over units.
+Two rules group one unit's n examples (embeddings e_1..e_n, similarity s_ij = cos(e_i, e_j)); both give a
+partition of the examples, the unit's behaviours, and a cut below which nothing is joined:
+
+- ``average_null`` (the default, `average_linkage` and `null_cut`): agglomerative average linkage (UPGMA: join the
+  two groups whose mean pairwise similarity is largest, while it exceeds the cut), the cut referenced to the unit's
+  own null, the cosines between its embeddings on a seeded sample of ordinary scored tokens: c_u(q) = the
+  q-quantile of those cosines. A mean over every cross pair must exceed the cut, so a few bridging pairs do not join
+  two behaviours, and the null puts the cut where the cosines of unrelated inputs lie in the unit's own space,
+  whatever its width and statistics.
+- ``components`` (Foote's rule): an edge i - j where s_ij > tau, a fixed threshold; the connected components.
+
+Every function here takes a chunk of U units at once: embeddings ``[U, n, d]``, a mask ``[U, n]`` of the examples
+that exist, and works on ``[U, n, n]`` tensors on their device, with no loop over units.
 """
 
 from __future__ import annotations
@@ -69,22 +78,79 @@ def maximum_spanning_weights(similarity: torch.Tensor, valid: torch.Tensor) -> t
     return torch.stack(weights, dim=1)
 
 
+def null_cut(null_embeddings: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
+    """``[U, len(quantiles)]``: c_u(q) = the q-quantile of the cosines between the unit's embeddings of distinct null
+    tokens ``[U, m, d]`` (over the m (m - 1) / 2 pairs, linear interpolation): a join must beat all but a share 1 - q
+    of the similarities of unrelated inputs seen through the unit's own weights."""
+    m = null_embeddings.shape[1]
+    similarity = cosine_similarities(null_embeddings, torch.ones(null_embeddings.shape[:2], dtype=torch.bool,
+                                                                 device=null_embeddings.device))
+    upper = torch.triu_indices(m, m, offset=1, device=similarity.device)
+    pairs = similarity[:, upper[0], upper[1]]
+    wanted = torch.tensor(list(quantiles), dtype=similarity.dtype, device=similarity.device)
+    return pairs.quantile(wanted, dim=1).T
+
+
+def average_linkage(similarity: torch.Tensor, valid: torch.Tensor, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average linkage (UPGMA) of every unit's valid examples, all units at once: ``(labels [U, n], heights [U, n - 1])``.
+
+    Each step joins, in every unit, the two groups with the largest mean similarity between their members (the
+    height of the join); the heights of average linkage never increase (it is a reducible method), so the groups
+    left when every join above ``cut`` ``[U]`` is made are the partition at that cut. ``labels``: each example's
+    group at ``cut``, named by its smallest example (as `connected_components`); ``heights``: all n - 1 joins in
+    order, -inf beyond the count - 1 a unit has, so that K(c) = count - #{heights > c} at any other cut c."""
+    units, n = valid.shape
+    pair = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(n, dtype=torch.bool, device=valid.device)
+    link = similarity.to(torch.float64).masked_fill(~pair | eye, -torch.inf)
+    size = valid.to(torch.float64)
+    labels = torch.arange(n, device=valid.device).expand(units, n).contiguous()
+    heights = torch.full((units, max(n - 1, 0)), -torch.inf, dtype=torch.float64, device=valid.device)
+    rows = torch.arange(units, device=valid.device)
+    # Whether every join so far was above the cut: a join at or below it ends the unit's partition (float rounding
+    # could otherwise let a later join rise above the cut again).
+    cutting = torch.ones(units, dtype=torch.bool, device=valid.device)
+    for step in range(n - 1):
+        height, where = link.view(units, -1).max(dim=1)
+        joins = height > -torch.inf
+        if not bool(joins.any()):
+            break
+        heights[:, step] = height
+        r, height = rows[joins], height[joins]
+        i, j = where[joins] // n, where[joins] % n
+        low, high = torch.minimum(i, j), torch.maximum(i, j)
+        s_low, s_high = size[r, low], size[r, high]
+        merged = (s_low[:, None] * link[r, low] + s_high[:, None] * link[r, high]) / (s_low + s_high)[:, None]
+        merged[torch.arange(len(r), device=valid.device), low] = -torch.inf
+        link[r, low], link[r, :, low] = merged, merged
+        link[r, high], link[r, :, high] = -torch.inf, -torch.inf
+        size[r, low], size[r, high] = s_low + s_high, 0
+        above = (height > cut[r]) & cutting[r]
+        cutting[r] = above
+        relabel = labels[r]
+        labels[r] = torch.where(above[:, None] & (relabel == high[:, None]), low[:, None], relabel)
+    return labels, heights
+
+
 @dataclass
 class Behaviours:
     """Per unit of a chunk (``count`` examples each; values for units without examples are NaN or 0):
 
-    - ``n_behaviours`` ``[U, len(taus)]``: the number of components K(tau) for each tau;
-    - ``effective`` ``[U]``: exp(H(p)), p the component sizes over ``count``, at ``taus[0]``;
-    - ``largest_share`` ``[U]``: the largest component's size over ``count``, at ``taus[0]``;
+    - ``n_behaviours`` ``[U, 1 + sweep]``: the number of behaviours K at the rule's cut, then at each cut of its sweep;
+    - ``cut`` ``[U]``: the similarity cut in the unit's own space (tau itself for ``components``, c_u(q) for
+      ``average_null``);
+    - ``effective`` ``[U]``: exp(H(p)), p the behaviour sizes over ``count``;
+    - ``largest_share`` ``[U]``: the largest behaviour's size over ``count``;
     - ``mean_cosine`` ``[U]``: mean cos(e_i, e_j) over pairs i != j (NaN with fewer than two examples);
-    - ``sizes`` ``[U, n]``: component sizes at ``taus[0]``, largest first (ties: the component holding the earlier
-      example first), 0 beyond K;
-    - ``central`` ``[U, n]``: in the same order, the index of each component's central example (the member with the
-      largest summed cosine similarity to the members of its component; ties: the earlier example), -1 beyond K;
-    - ``members`` ``[U, n]``: each example's component, as its index in ``sizes`` (-1 for a missing example).
+    - ``sizes`` ``[U, n]``: behaviour sizes, largest first (ties: the behaviour holding the earlier example first), 0
+      beyond K;
+    - ``central`` ``[U, n]``: in the same order, the index of each behaviour's central example (the member with the
+      largest summed cosine similarity to the members of its behaviour; ties: the earlier example), -1 beyond K;
+    - ``members`` ``[U, n]``: each example's behaviour, as its index in ``sizes`` (-1 for a missing example).
     """
 
     n_behaviours: torch.Tensor
+    cut: torch.Tensor
     effective: torch.Tensor
     largest_share: torch.Tensor
     mean_cosine: torch.Tensor
@@ -93,16 +159,32 @@ class Behaviours:
     members: torch.Tensor
 
 
-def unit_behaviours(embeddings: torch.Tensor, valid: torch.Tensor, taus: Sequence[float]) -> Behaviours:
-    """The behaviours of a chunk of units from their examples' embeddings ``[U, n, d]`` (``valid`` ``[U, n]``)."""
+COMPONENTS, AVERAGE_NULL = "components", "average_null"
+
+
+def unit_behaviours(embeddings: torch.Tensor, valid: torch.Tensor, rule: str, cuts: Sequence[float],
+                    null_embeddings: torch.Tensor | None = None) -> Behaviours:
+    """The behaviours of a chunk of units from their examples' embeddings ``[U, n, d]`` (``valid`` ``[U, n]``) by
+    ``rule`` (module docstring) at ``cuts[0]``, with K at every cut: taus for ``components``, null quantiles for
+    ``average_null``, which also takes the units' embeddings of the null tokens ``[U, m, d]``."""
     units, n = valid.shape
     similarity = cosine_similarities(embeddings, valid)
     pair = valid[:, :, None] & valid[:, None, :]
     count = valid.sum(dim=1)
     index = torch.arange(n, device=valid.device)
-    tree = maximum_spanning_weights(similarity, valid)
-    n_behaviours = [count - (tree > tau).sum(dim=1) for tau in taus]
-    labels = connected_components((similarity > taus[0]) & pair)
+    if rule == COMPONENTS:
+        cut = torch.full((units, len(cuts)), 0.0, dtype=torch.float64, device=valid.device) + torch.tensor(
+            list(cuts), dtype=torch.float64, device=valid.device)
+        heights = maximum_spanning_weights(similarity, valid)
+        labels = connected_components((similarity > cut[:, :1, None]) & pair)
+    elif rule == AVERAGE_NULL:
+        if null_embeddings is None:
+            raise ValueError("the average_null rule needs the units' embeddings of the null tokens")
+        cut = null_cut(null_embeddings, cuts)
+        labels, heights = average_linkage(similarity, valid, cut[:, 0])
+    else:
+        raise ValueError(f"unknown behaviour rule {rule!r}: use {AVERAGE_NULL!r} or {COMPONENTS!r}")
+    n_behaviours = count[:, None] - (heights[:, None, :] > cut[:, :, None]).sum(dim=2)
     roots = torch.zeros((units, n), dtype=torch.int64, device=valid.device).scatter_add(1, labels, valid.to(torch.int64))
     share = roots.to(torch.float64) / count.clamp_min(1)[:, None]
     entropy = -torch.where(share > 0, share * share.clamp_min(1e-300).log(), 0.0).sum(dim=1)
@@ -118,14 +200,15 @@ def unit_behaviours(embeddings: torch.Tensor, valid: torch.Tensor, taus: Sequenc
     is_best = valid & (score == best.gather(1, labels))
     central = torch.full((units, n), n, dtype=torch.int64, device=valid.device)
     central = central.scatter_reduce(1, labels, torch.where(is_best, index, n), "amin")
-    # Components by size (descending), then by their smallest example: sort on size * (n + 1) + (n - root).
+    # Behaviours by size (descending), then by their smallest example: sort on size * (n + 1) + (n - root).
     order = torch.sort(roots * (n + 1) + (n - index), dim=1, descending=True, stable=True).indices
     sizes = roots.gather(1, order)
     central = torch.where(sizes > 0, central.gather(1, order), -1)
     place = torch.empty_like(order).scatter_(1, order, index.expand(units, n).contiguous())
     members = torch.where(valid, place.gather(1, labels), -1)
     return Behaviours(
-        n_behaviours=torch.stack(n_behaviours, dim=1),
+        n_behaviours=n_behaviours,
+        cut=cut[:, 0],
         effective=torch.where(defined, entropy.exp(), nan),
         largest_share=torch.where(defined, share.amax(dim=1), nan),
         mean_cosine=mean_cosine,

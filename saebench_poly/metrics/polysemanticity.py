@@ -21,35 +21,46 @@ two sides are equally directions of the data), whose activity is |z|: their exam
 example's embedding keeps its sign (the sum identity gives z < 0 on the negative side), so the two sides fall into
 different behaviours unless their embeddings agree.
 The sample's keys hash the option ``seed`` (not the spec's ``seed``), the unit and the context.
-Behaviours (`saebench_poly.metrics.behaviours`): the graph on u's examples with an edge where cos(e_i, e_j) > tau;
-its connected components. With n = the number of examples and p_k = |component k| / n:
+Behaviours (`saebench_poly.metrics.behaviours`): a partition of u's examples by the cosines of their embeddings,
+by the rule of ``rule``: ``average_null`` (default) joins groups by average linkage while their mean cross cosine
+exceeds the ``null_quantile`` (0.9) quantile of the cosines between u's embeddings of ``null_tokens`` (128) null
+tokens, a seeded uniform sample of the scored tokens (`NullSample`); ``components`` (Foote's rule) takes the
+connected components of the graph with an edge where cos > ``tau``. With n = the number of examples and
+p_k = |behaviour k| / n:
 
 Per unit (per-unit table; null for units with no embedding, and K, exp(H) and the rest null for units with none):
 - ``n_examples`` = min(S, #characteristic contexts);
-- ``n_behaviours`` = K_u(tau), the number of components; ``n_behaviours_sweep`` = K_u at each tau of ``tau_sweep``
-  (the column ``tau_sweep`` lists them, ``tau`` holds the default);
+- ``n_behaviours`` = K_u, the number of behaviours; ``n_behaviours_sweep`` = K_u at each cut of the rule's sweep
+  (``null_quantile_sweep`` or ``tau_sweep``, listed in ``cut_sweep``); ``behaviour_rule`` names the rule and its
+  parameters, ``behaviour_cut`` the unit's cosine cut (c_u(q), or tau);
 - ``effective_behaviours`` = exp(H(p)) = exp(-sum_k p_k ln p_k), between 1 and K;
 - ``largest_behaviour_share`` = max_k p_k;
 - ``mean_example_cosine`` = mean over pairs i != j of cos(e_i, e_j) (null with one example);
-- ``behaviour_sizes`` and ``central_examples``: the components, largest first, and the (context, position) of each
-  one's central example (the member with the largest summed cosine similarity to its component), so that a user can
+- ``behaviour_sizes`` and ``central_examples``: the behaviours, largest first, and the (context, position) of each
+  one's central example (the member with the largest summed cosine similarity to its behaviour), so that a user can
   look the examples up (context: index in the scored data, counted from 0; position: the token in it);
+- ``example_contexts``, ``example_positions``, ``example_behaviours``: every example and its behaviour (an index
+  into ``behaviour_sizes``);
 - ``poly_status``: ``ok``; ``too_few_examples`` (n < ``min_examples``: dead or nearly dead units, never
-  monosemantic); ``no_embedding`` (a unit with no input weights of its own, such as a residual-stream dimension).
+  monosemantic); ``too_weak`` (M_u < ``weak_fraction`` = 0.01 x the 0.99 quantile of the maxima of the entry's units
+  with examples: a unit that carries almost nothing); ``no_embedding`` (a unit with no input weights of its own,
+  such as a residual-stream dimension).
 
-Per entry (leaderboard), over the units with n >= ``min_examples`` = 10 (NaN when there are none; entries whose units
-have no embedding get none of these rows): mean and median of exp(H) and of K, the mean largest share, the fraction
-of all units that are monosemantic (n >= ``min_examples`` and K = 1) and the fraction with too few examples. Ten
-examples is our choice: with fewer, K can only be small and the shares are too coarse to compare.
+Per entry (leaderboard), over the ``ok`` units (NaN when there are none; entries whose units have no embedding get
+none of these rows): mean and median of exp(H) and of K, the mean largest share, the fraction of all units that are
+monosemantic (``ok`` and K = 1), the fractions with too few examples and too weak, and the share of ``ok`` units
+whose K equals their example count (saturated). Ten examples is our choice: with fewer, K can only be small and the
+shares are too coarse to compare.
 
-The default tau was chosen on known answers, by `scripts/calibrate_tau.py` (see `DEFAULT_TAU`).
+The default rule and setting were chosen on the known answers of `saebench_poly.metrics.polysemanticity_truth`
+(`scripts/poly_ground_truth.py`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -57,18 +68,23 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec, ScoredContexts
-from saebench_poly.metrics.behaviours import Behaviours, unit_behaviours
-from saebench_poly.metrics.examples import Examples, ExampleSelector
+from saebench_poly.metrics.behaviours import AVERAGE_NULL, COMPONENTS, Behaviours, unit_behaviours
+from saebench_poly.metrics.examples import Examples, ExampleSelector, example_keys
 from saebench_poly.models.base import Batch, ModelAdapter, UnitInputs
 
-# Chosen by scripts/calibrate_tau.py (the rule is in its docstring): on the neurons of the toy-superposition model
-# and of the same configuration with seeds 1-4 (40 neurons), K(tau) equals the true number of features for 42.5% of
-# them at tau = 0.975, more than at any other tau of its sweep, and K = 1 exactly when the neuron has one true
-# feature for 92.5% of them. Exact agreement is out of reach on this toy: one feature alone drives a polysemantic
-# neuron to at most 0.38-0.58 of its maximum, below the 0.75 of a characteristic example, so all of their
-# characteristic examples are conjunctions of features, and K counts the kinds of conjunction.
+# The default rule and its one setting, chosen on the ground-truth cases of
+# `saebench_poly.metrics.polysemanticity_truth` (`python scripts/poly_ground_truth.py` prints them; the README has the
+# table): average linkage cut at the NULL_QUANTILE quantile of the unit's null cosines.
+DEFAULT_RULE = AVERAGE_NULL
+NULL_QUANTILE = 0.9
+NULL_QUANTILE_SWEEP = (0.5, 0.8, 0.95, 0.98, 0.99, 0.999)
+NULL_TOKENS = 128
+# Foote's fixed-threshold rule, kept so that his numbers can be reproduced (0.975 was the best tau on the 8-d toy of
+# superposition; it saturates in wider spaces: README).
 DEFAULT_TAU = 0.975
 TAU_SWEEP = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
+# Keys of the null sample: the option seed mixed with this salt, so that the null tokens are not tied to the examples.
+NULL_SALT = 0x6E756C6C
 # Memory bounds of the embedding stage; the results do not depend on them. The h rows of the chosen examples are
 # cached for as many units at a time as fit CACHE_BYTES (counted at 4 bytes a value, shared among the entries), the
 # model being re-run once per round of such groups; the [units, n, d] embeddings and [units, n, n] graphs go in
@@ -76,30 +92,52 @@ TAU_SWEEP = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
 CACHE_BYTES = 2**32
 CHUNK_BYTES = 2**27
 
-OK, TOO_FEW_EXAMPLES, NO_EMBEDDING = "ok", "too_few_examples", "no_embedding"
+OK, TOO_FEW_EXAMPLES, TOO_WEAK, NO_EMBEDDING = "ok", "too_few_examples", "too_weak", "no_embedding"
 
 
 class PolysemanticityOptions(BaseModel):
-    """``[metric_options.polysemanticity]``: tau (edge threshold of the cosine graph), the taus of the sweep, Foote's
-    activation fraction (0.75) and sample size (100), the fewest examples for a unit to be summarised, and the seed
-    of the sample's keys."""
+    """``[metric_options.polysemanticity]``: the behaviour rule (``average_null``, the default, or Foote's
+    ``components``) and its cut (``null_quantile`` and its sweep; ``tau`` and its sweep for ``components``), the number of
+    null tokens, Foote's activation fraction (0.75) and sample size (100), the fewest examples for a unit to be
+    summarised, the fraction of the entry's typical maximum below which a unit is too weak, and the seed of the
+    samples' keys."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    rule: Literal["average_null", "components"] = DEFAULT_RULE
+    null_quantile: float = Field(NULL_QUANTILE, ge=0, le=1)
+    null_quantile_sweep: tuple[float, ...] = NULL_QUANTILE_SWEEP
+    null_tokens: int = Field(NULL_TOKENS, ge=2)
     tau: float = Field(DEFAULT_TAU, ge=-1, lt=1)
     tau_sweep: tuple[float, ...] = TAU_SWEEP
     activation_fraction: float = Field(0.75, gt=0, le=1)
     max_examples: int = Field(100, ge=1)
     min_examples: int = Field(10, ge=1)
+    weak_fraction: float = Field(0.01, ge=0, lt=1)
     seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> PolysemanticityOptions:
         if any(not -1 <= tau < 1 for tau in self.tau_sweep):
             raise ValueError("every tau of tau_sweep must lie in [-1, 1)")
+        if any(not 0 <= q <= 1 for q in self.null_quantile_sweep):
+            raise ValueError("every quantile of null_quantile_sweep must lie in [0, 1]")
         if self.min_examples > self.max_examples:
             raise ValueError(f"min_examples ({self.min_examples}) exceeds max_examples ({self.max_examples})")
         return self
+
+    @property
+    def cuts(self) -> tuple[float, ...]:
+        """The rule's cut, then its sweep: null quantiles for ``average_null``, taus for ``components``."""
+        if self.rule == COMPONENTS:
+            return (self.tau, *self.tau_sweep)
+        return (self.null_quantile, *self.null_quantile_sweep)
+
+    def describe_rule(self) -> str:
+        """The rule and its parameters, in words, as the per-unit table records it with every number."""
+        if self.rule == COMPONENTS:
+            return f"components(cos > tau={self.tau:g})"
+        return f"average_null(q={self.null_quantile:g}, null_tokens={self.null_tokens})"
 
 
 class Polysemanticity(Accumulator):
@@ -107,24 +145,29 @@ class Polysemanticity(Accumulator):
     metrics. Foote 2024, arXiv 2411.08166."""
 
     metrics = (
-        MetricSpec("mean_effective_behaviours", 1, "lower", "polysemanticity",
-                   "mean over units with enough examples of exp(H(component sizes)) of the cos > tau graph of their "
-                   "examples' neuron embeddings (Foote 2024)", bounds=(1, math.inf)),
-        MetricSpec("median_effective_behaviours", 1, "lower", "polysemanticity",
-                   "median over units with enough examples of exp(H(component sizes))", bounds=(1, math.inf)),
-        MetricSpec("mean_behaviours", 1, "lower", "polysemanticity",
-                   "mean over units with enough examples of K(tau), the number of behaviours (components)",
-                   bounds=(1, math.inf)),
-        MetricSpec("median_behaviours", 1, "lower", "polysemanticity",
-                   "median over units with enough examples of K(tau)", bounds=(1, math.inf)),
-        MetricSpec("mean_largest_behaviour_share", 1, "higher", "polysemanticity",
-                   "mean over units with enough examples of the largest component's share of the examples",
+        MetricSpec("mean_effective_behaviours", 2, "lower", "polysemanticity",
+                   "mean over units with enough examples (and not too weak) of exp(H(behaviour sizes)), the behaviours "
+                   "of their examples' neuron embeddings by the rule of behaviour_rule (Foote 2024)", bounds=(1, math.inf)),
+        MetricSpec("median_effective_behaviours", 2, "lower", "polysemanticity",
+                   "median over units with enough examples of exp(H(behaviour sizes))", bounds=(1, math.inf)),
+        MetricSpec("mean_behaviours", 2, "lower", "polysemanticity",
+                   "mean over units with enough examples of K, the number of behaviours", bounds=(1, math.inf)),
+        MetricSpec("median_behaviours", 2, "lower", "polysemanticity",
+                   "median over units with enough examples of K", bounds=(1, math.inf)),
+        MetricSpec("mean_largest_behaviour_share", 2, "higher", "polysemanticity",
+                   "mean over units with enough examples of the largest behaviour's share of the examples",
                    bounds=(0, 1)),
-        MetricSpec("monosemantic_fraction", 1, "higher", "polysemanticity",
-                   "fraction of all units with enough examples and K(tau) = 1", bounds=(0, 1)),
-        MetricSpec("too_few_examples_fraction", 1, "lower", "polysemanticity",
+        MetricSpec("monosemantic_fraction", 2, "higher", "polysemanticity",
+                   "fraction of all units with enough examples, not too weak, and K = 1", bounds=(0, 1)),
+        MetricSpec("too_few_examples_fraction", 2, "lower", "polysemanticity",
                    "fraction of units with fewer characteristic examples than min_examples (dead or nearly dead)",
                    bounds=(0, 1)),
+        MetricSpec("too_weak_fraction", 1, "lower", "polysemanticity",
+                   "fraction of units whose maximum is below weak_fraction x the 0.99 quantile of the entry's unit "
+                   "maxima (units that carry almost nothing)", bounds=(0, 1)),
+        MetricSpec("saturated_fraction", 1, "lower", "polysemanticity",
+                   "fraction of the units with enough examples whose K equals their example count (every example "
+                   "its own behaviour: the rule resolves nothing)", bounds=(0, 1)),
     )
     Options = PolysemanticityOptions
     transient = ("entry", "adapter", "inputs")
@@ -132,12 +175,14 @@ class Polysemanticity(Accumulator):
     def __init__(self, entry, adapter, options: PolysemanticityOptions | None = None) -> None:
         super().__init__(entry, adapter)
         self.options = options or PolysemanticityOptions()
-        self.taus = (self.options.tau, *self.options.tau_sweep)
+        self.cuts = self.options.cuts
         self.inputs: UnitInputs | None = entry.unit_inputs(adapter)
-        self.selector = None
+        self.signed = entry.signed_units or (self.inputs is not None and self.inputs.signed)
+        self.selector = self.null = None
         if self.inputs is not None:
             self.selector = ExampleSelector(entry.width, self.options.activation_fraction, self.options.max_examples,
                                             self.options.seed)
+            self.null = NullSample(self.options.null_tokens, self.options.seed)
         self.examples: Examples | None = None
         self.behaviours: Behaviours | None = None
 
@@ -146,12 +191,14 @@ class Polysemanticity(Accumulator):
             return
         if batch.context is None or batch.position is None:
             raise ValueError("polysemanticity needs each scored row's context and position (EntryBatch.context, .position)")
-        activity = batch.z.abs() if self.entry.signed_units else batch.z
+        activity = batch.z.abs() if self.signed else batch.z
         self.selector.update(activity, batch.context, batch.position)
+        self.null.update(batch.context, batch.position)
 
     def merge(self, other: Polysemanticity) -> None:
         if self.selector is not None:
             self.selector.merge(other.selector)
+            self.null.merge(other.null)
 
     def revisit(self, contexts: ScoredContexts) -> None:
         """Select the examples, re-run their contexts for the embeddings, and find the behaviours."""
@@ -161,25 +208,27 @@ class Polysemanticity(Accumulator):
     def revisit_all(cls, accumulators: Sequence[Polysemanticity], contexts: ScoredContexts,
                     progress: Callable[[int], None]) -> None:
         """Every entry's examples, embeddings and behaviours, with one re-run of the model for all entries: the h
-        rows of the examples are cached for a group of units of each entry at a time (`CACHE_BYTES` in all), each
-        round of groups re-runs the union of their contexts once, and entries at one hook share each forward
-        (`ModelAdapter.sharing_activations`). The results do not depend on how the units are grouped."""
+        rows of the examples (and of the null tokens) are cached for a group of units of each entry at a time
+        (`CACHE_BYTES` in all), each round of groups re-runs the union of their contexts once, and entries at one
+        hook share each forward (`ModelAdapter.sharing_activations`). The results do not depend on how the units are
+        grouped."""
         active = [accumulator for accumulator in accumulators if accumulator.selector is not None]
         progress(len(accumulators) - len(active))
         plans = []
         for accumulator in active:
             accumulator.examples = accumulator.selector.result(accumulator.inputs.weight.device)
-            accumulator.behaviours = _no_behaviours(accumulator.examples, len(accumulator.taus))
+            accumulator.behaviours = _no_behaviours(accumulator.examples, len(accumulator.cuts))
             d_h = accumulator.inputs.weight.shape[1]
             rows = max(accumulator.options.max_examples, CACHE_BYTES // (4 * d_h * len(active)))
             plans.append(_unit_groups(accumulator.examples.count, rows))
         for round_ in range(max((len(plan) for plan in plans), default=0)):
             members = [(accumulator, plan[round_]) for accumulator, plan in zip(active, plans, strict=True)
                        if round_ < len(plan)]
-            groups = [_ExampleRows(accumulator.examples, start, end) for accumulator, (start, end) in members]
+            groups = [_ExampleRows(accumulator.examples, start, end, accumulator.null.result())
+                      for accumulator, (start, end) in members]
             _fill(groups, [accumulator.inputs for accumulator, _ in members], contexts, members[0][0].adapter)
             for (accumulator, (start, _)), group in zip(members, groups, strict=True):
-                _group_behaviours(accumulator.behaviours, start, group, accumulator.inputs, accumulator.taus)
+                _group_behaviours(accumulator.behaviours, start, group, accumulator.inputs, accumulator.options)
         progress(len(active))
 
     def _results(self) -> tuple[Examples, Behaviours]:
@@ -187,37 +236,58 @@ class Polysemanticity(Accumulator):
             raise RuntimeError("Polysemanticity.revisit must run (after the pass) before its results are read")
         return self.examples, self.behaviours
 
+    def _weak(self, examples: Examples) -> torch.Tensor:
+        """Units with examples whose maximum is below ``weak_fraction`` x the 0.99 quantile of the maxima of the
+        entry's units with examples."""
+        has = examples.count > 0
+        if not bool(has.any()):
+            return has
+        reference = examples.maximum[has].quantile(0.99)
+        return has & (examples.maximum < self.options.weak_fraction * reference)
+
+    def _status(self, examples: Examples) -> np.ndarray:
+        count = examples.count.cpu().numpy()
+        status = np.where(count >= self.options.min_examples, OK, TOO_FEW_EXAMPLES).astype(object)
+        status[self._weak(examples).cpu().numpy() & (count >= self.options.min_examples)] = TOO_WEAK
+        return status
+
     def compute(self) -> dict[str, float]:
         if self.inputs is None:
             return {}
         examples, behaviours = self._results()
-        enough = examples.count >= self.options.min_examples
-        k = behaviours.n_behaviours[:, 0][enough].to(torch.float64)
-        effective = behaviours.effective[enough]
+        status = torch.from_numpy(self._status(examples) == OK).to(examples.count.device)
+        k = behaviours.n_behaviours[:, 0][status].to(torch.float64)
+        effective = behaviours.effective[status]
 
         def summary(values: torch.Tensor, how: str) -> float:
             if values.numel() == 0:
                 return math.nan
             return float(values.mean() if how == "mean" else values.quantile(0.5))
 
+        saturated = k == examples.count[status].to(torch.float64)
         return {
             "mean_effective_behaviours": summary(effective, "mean"),
             "median_effective_behaviours": summary(effective, "median"),
             "mean_behaviours": summary(k, "mean"),
             "median_behaviours": summary(k, "median"),
-            "mean_largest_behaviour_share": summary(behaviours.largest_share[enough], "mean"),
+            "mean_largest_behaviour_share": summary(behaviours.largest_share[status], "mean"),
             "monosemantic_fraction": float((k == 1).sum()) / self.entry.width,
-            "too_few_examples_fraction": float((~enough).sum()) / self.entry.width,
+            "too_few_examples_fraction": float((examples.count < self.options.min_examples).sum()) / self.entry.width,
+            "too_weak_fraction": float(self._weak(examples).sum()) / self.entry.width,
+            "saturated_fraction": float(saturated.to(torch.float64).mean()) if saturated.numel() else math.nan,
         }
 
     def unit_values(self) -> dict[str, Any]:
+        """The per-unit columns. Membership, for a reader that shows each behaviour's examples: ``example_contexts``
+        and ``example_positions`` list the unit's examples (in sample order), ``example_behaviours`` the behaviour
+        of each (an index into ``behaviour_sizes`` and ``central_examples``, largest behaviour 0)."""
         width = self.entry.width
         if self.inputs is None:
             return {"poly_status": np.full(width, NO_EMBEDDING, dtype=object)}
         examples, behaviours = self._results()
         count = examples.count.cpu().numpy()
         has = count > 0
-        sweep = list(self.options.tau_sweep)
+        sweep = list(self.cuts[1:])
         n_behaviours = behaviours.n_behaviours.cpu().numpy()
         sizes = behaviours.sizes.cpu().numpy()
         central = behaviours.central.clamp_min(0)
@@ -226,13 +296,16 @@ class Polysemanticity(Accumulator):
         n_components = (sizes > 0).sum(axis=1)
         k = pd.array(n_behaviours[:, 0], dtype="Int64")
         k[~has] = pd.NA
+        all_contexts, all_positions = examples.context.cpu().numpy(), examples.position.cpu().numpy()
+        membership = behaviours.members.cpu().numpy()
         return {
-            "poly_status": np.where(count >= self.options.min_examples, OK, TOO_FEW_EXAMPLES).astype(object),
+            "poly_status": self._status(examples),
             "n_examples": count.astype(np.int64),
             "n_behaviours": k,
+            "behaviour_rule": np.full(width, self.options.describe_rule(), dtype=object),
+            "behaviour_cut": behaviours.cut.cpu().numpy(),
+            "cut_sweep": [sweep] * width,
             "n_behaviours_sweep": _rows(n_behaviours[:, 1:].tolist(), has),
-            "tau": np.full(width, self.options.tau),
-            "tau_sweep": [sweep] * width,
             "effective_behaviours": behaviours.effective.cpu().numpy(),
             "largest_behaviour_share": behaviours.largest_share.cpu().numpy(),
             "mean_example_cosine": behaviours.mean_cosine.cpu().numpy(),
@@ -240,19 +313,56 @@ class Polysemanticity(Accumulator):
             "central_examples": _rows(
                 [[{"context": c, "position": p} for c, p in zip(cs[:k], ps[:k], strict=True)]
                  for cs, ps, k in zip(contexts.tolist(), positions.tolist(), n_components, strict=True)], has),
+            "example_contexts": _rows([row[:n] for row, n in zip(all_contexts.tolist(), count, strict=True)], has),
+            "example_positions": _rows([row[:n] for row, n in zip(all_positions.tolist(), count, strict=True)], has),
+            "example_behaviours": _rows([row[:n] for row, n in zip(membership.tolist(), count, strict=True)], has),
         }
+
+
+class NullSample:
+    """The null tokens of an entry: the ``size`` scored tokens (context, position) with the smallest keys
+    hash(seed ^ `NULL_SALT`, position, context) (`example_keys`), a seeded uniform sample of the scored tokens
+    (bottom-k), streamed: independent of the batch size and order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed ^ NULL_SALT
+        self.key = self.context = self.position = None
+
+    def update(self, context: torch.Tensor, position: torch.Tensor) -> None:
+        self._keep(example_keys(self.seed, position, context), context, position)
+
+    def merge(self, other: NullSample) -> None:
+        """Fold in a sample of other tokens: the smallest keys of both are those of one sample fed every batch."""
+        if other.key is not None:
+            self._keep(other.key, other.context, other.position)
+
+    def _keep(self, keys: torch.Tensor, context: torch.Tensor, position: torch.Tensor) -> None:
+        if self.key is not None:
+            keys = torch.cat([self.key, keys.to(self.key.device)])
+            context = torch.cat([self.context, context.to(self.key.device)])
+            position = torch.cat([self.position, position.to(self.key.device)])
+        order = torch.sort(keys, stable=True).indices[: self.size]
+        self.key, self.context, self.position = keys[order], context[order], position[order]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, position) of the null tokens, by key."""
+        if self.key is None:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return empty, empty
+        return self.context, self.position
 
 
 def _rows(values: list[Any], present: np.ndarray) -> list[Any]:
     return [value if keep else None for value, keep in zip(values, present, strict=True)]
 
 
-def _no_behaviours(examples: Examples, n_taus: int) -> Behaviours:
+def _no_behaviours(examples: Examples, n_cuts: int) -> Behaviours:
     """Results for units without examples, which the groups fill in for the others."""
     width, sample = examples.context.shape
     device = examples.context.device
     return Behaviours(
-        n_behaviours=torch.zeros((width, n_taus), dtype=torch.int64, device=device),
+        n_behaviours=torch.zeros((width, n_cuts), dtype=torch.int64, device=device),
+        cut=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
         effective=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
         largest_share=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
         mean_cosine=torch.full((width,), torch.nan, dtype=torch.float64, device=device),
@@ -276,16 +386,22 @@ def _unit_groups(count: torch.Tensor, rows_per_group: int) -> list[tuple[int, in
 
 
 class _ExampleRows:
-    """The h rows at every distinct (context, position) of the examples of units [start, end), filled batch by batch
-    from a re-run of their contexts; ``index`` ``[units, S]`` gives each example's row."""
+    """The h rows at every distinct (context, position) of the examples of units [start, end) and of the null
+    tokens, filled batch by batch from a re-run of their contexts; ``index`` ``[units, S]`` gives each example's row,
+    ``null_index`` ``[m]`` each null token's."""
 
-    def __init__(self, examples: Examples, start: int, end: int) -> None:
+    def __init__(self, examples: Examples, start: int, end: int, null: tuple[torch.Tensor, torch.Tensor]) -> None:
         context, position = examples.context[start:end], examples.position[start:end]
+        null_context, null_position = (part.to(context.device) for part in null)
         self.valid = context >= 0
-        self.span = int(position[self.valid].max()) + 1
-        self.pairs, inverse = torch.unique(context[self.valid] * self.span + position[self.valid], return_inverse=True)
+        positions = torch.cat([position[self.valid], null_position])
+        self.span = int(positions.max()) + 1
+        keys = torch.cat([context[self.valid] * self.span + position[self.valid], null_context * self.span + null_position])
+        self.pairs, inverse = torch.unique(keys, return_inverse=True)
+        examples_here = int(self.valid.sum())
         self.index = torch.zeros_like(context)
-        self.index[self.valid] = inverse
+        self.index[self.valid] = inverse[:examples_here]
+        self.null_index = inverse[examples_here:]
         self.contexts = torch.unique(self.pairs // self.span)
         self.cache: torch.Tensor | None = None
         self.filled = 0
@@ -324,27 +440,34 @@ def _fill(groups: list[_ExampleRows], inputs: list[UnitInputs], contexts: Scored
                 group.fill(indices, batch, unit_inputs)
 
 
-def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: UnitInputs, taus: Sequence[float]) -> None:
+def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: UnitInputs,
+                      options: PolysemanticityOptions) -> None:
     """The behaviours of a group's units, in chunks by increasing example count (`_chunks_by_count`), each cut to
     its largest count (the examples are packed to the left), so that latents with few examples cost little."""
     cache = group.rows()
     count = group.valid.sum(dim=1)
-    for rows in _chunks_by_count(count, inputs.weight.shape[1]):
+    null = options.rule == AVERAGE_NULL
+    m = group.null_index.numel() if null else 0
+    for rows in _chunks_by_count(count, inputs.weight.shape[1], m):
         n = int(count[rows[-1]])
         weight = inputs.weight[start + rows].to(torch.float64)
         embeddings = cache[group.index[rows, :n]].to(torch.float64) * weight[:, None, :]
-        _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], taus))
+        null_embeddings = cache[group.null_index].to(torch.float64) * weight[:, None, :] if null else None
+        _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], options.rule, options.cuts,
+                                                  null_embeddings))
 
 
-def _chunks_by_count(count: torch.Tensor, d_h: int) -> list[torch.Tensor]:
+def _chunks_by_count(count: torch.Tensor, d_h: int, null_tokens: int = 0) -> list[torch.Tensor]:
     """The positions of the units with examples, by increasing count, cut into chunks of U units with n = the
-    chunk's largest count such that U n (2 d_h + 8 n) float64 values fit `CHUNK_BYTES` (at least one unit)."""
+    chunk's largest count such that U (n + m) (2 d_h + 8 (n + m)) float64 values fit `CHUNK_BYTES` (at least one
+    unit; m = the null tokens)."""
     order = torch.argsort(count, stable=True)
     order = order[count[order] > 0]
     counts = count[order].tolist()
 
     def fits(n: int) -> int:
-        return max(1, CHUNK_BYTES // (8 * n * (2 * d_h + 8 * n)))
+        rows = n + null_tokens
+        return max(1, CHUNK_BYTES // (8 * rows * (2 * d_h + 8 * rows)))
 
     chunks, first = [], 0
     while first < len(counts):
@@ -358,7 +481,7 @@ def _chunks_by_count(count: torch.Tensor, d_h: int) -> list[torch.Tensor]:
 
 def _write(out: Behaviours, units: torch.Tensor, chunk: Behaviours) -> None:
     """Store a chunk's results for ``units``; its per-example columns are padded to the sample size."""
-    for name in ("n_behaviours", "effective", "largest_share", "mean_cosine"):
+    for name in ("n_behaviours", "cut", "effective", "largest_share", "mean_cosine"):
         getattr(out, name)[units] = getattr(chunk, name)
     n = chunk.sizes.shape[1]
     out.sizes[units, :n] = chunk.sizes

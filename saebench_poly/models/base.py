@@ -77,13 +77,16 @@ class UnitInputs:
     input weights multiply; ``weight`` is ``[width, d_h]`` and ``bias`` ``[width]``. ``source`` names h in words (for
     example ``blocks.0.ln2.hook_normalized``), for the docs and error messages. ``hook``: the hook whose
     activations ``capture`` reads through `ModelAdapter.hook_activations` (so that one forward can serve several
-    units' inputs), or None when it runs the model its own way or not at all."""
+    units' inputs), or None when it runs the model its own way or not at all. ``signed``: the units are the
+    pre-activations themselves (no nonlinearity follows, as in Lecomte et al.'s linear hidden layer), so both signs
+    are activity and they are read on both sides, as PCA directions are."""
 
     source: str
     weight: torch.Tensor
     bias: torch.Tensor
     capture: Callable[[Batch], torch.Tensor]
     hook: str | None = None
+    signed: bool = False
 
 
 class ModelAdapter(ABC):

@@ -173,7 +173,8 @@ class IncidentalAdapter(ModelAdapter):
         return weights / weights.norm(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
     def neuron_inputs(self, hook: str) -> UnitInputs:
-        """The neurons h = W^T x: h is the one-hot feature vector x ``[batch, 1, n I]``, w_k = W[:, k], no bias."""
+        """The neurons h = W^T x: h is the one-hot feature vector x ``[batch, 1, n I]``, w_k = W[:, k], no bias; linear,
+        so signed (a feature with W_ik < 0 is as much on neuron k as one with W_ik > 0)."""
         weights = self._weights(hook)
 
         def capture(batch: Batch) -> torch.Tensor:
@@ -181,7 +182,7 @@ class IncidentalAdapter(ModelAdapter):
             return torch.nn.functional.one_hot(index, weights.shape[0]).to(weights.dtype).unsqueeze(1)
 
         return UnitInputs(source="the one-hot feature vector x", weight=weights.T, bias=torch.zeros(weights.shape[1],
-                          dtype=weights.dtype, device=weights.device), capture=capture)
+                          dtype=weights.dtype, device=weights.device), capture=capture, signed=True)
 
 
 def load_incidental_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> IncidentalAdapter:
