@@ -45,7 +45,7 @@ def test_members_one_central_example_per_behaviour_and_at_most_n_more() -> None:
     embeddings = torch.stack([torch.stack([a, a * 2, a + 0.01 * b, b, b * 3]),
                               torch.stack([a, a, a, a, a])])
     valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    behaviours = unit_behaviours(embeddings, valid, [0.9])
+    behaviours = unit_behaviours(embeddings, valid, "components", [0.9])
     context = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, -1, -1]])
     examples = Examples(context=context, position=context % 7, activation=torch.ones(2, 5, dtype=torch.float64),
                         count=valid.sum(dim=1), maximum=torch.ones(2, dtype=torch.float64))

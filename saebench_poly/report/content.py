@@ -48,7 +48,8 @@ LEADING_METRICS = ("l0", "dead_fraction", "rate_bits_per_token", "fvu", "cosine_
 SPEC_COLUMNS = ("spec_name", "spec_hash", "model_id", "model_revision", "model_family", "dataset_id", "dataset_revision",
                 "tokenizer", "tokens_scored", "context_size", "prepend_bos", "seed", "device", "dtype", "git_commit")
 # Per-unit columns that identify rather than describe a unit, or that the explorer shows in its own way.
-_UNIT_SKIP = {f.name for f in PROVENANCE_FIELDS} | {"unit", "tau_sweep", "central_examples"}
+_UNIT_SKIP = {f.name for f in PROVENANCE_FIELDS} | {"unit", "cut_sweep", "central_examples", "example_contexts",
+                                                    "example_positions", "example_behaviours"}
 _HISTOGRAM_BINS = 24
 # Behaviours per unit whose examples go into the page (the largest; the table keeps them all)
 MAX_BEHAVIOURS = 12
@@ -212,9 +213,9 @@ def _entry_units(frame: pd.DataFrame, max_units: int, examples: _ExampleReader |
         if values.isna().all():
             continue
         if column == "n_behaviours_sweep":
-            taus = frame["tau_sweep"].dropna()
-            tau_text = ", ".join(f"{t:g}" for t in taus.iloc[0]) if len(taus) else ""
-            columns[f"K at tau_sweep ({tau_text})"] = [None if v is None else ", ".join(str(int(k)) for k in v) for v in values]
+            cuts = frame["cut_sweep"].dropna()
+            cut_text = ", ".join(f"{t:g}" for t in cuts.iloc[0]) if len(cuts) else ""
+            columns[f"K at cut_sweep ({cut_text})"] = [None if v is None else ", ".join(str(int(k)) for k in v) for v in values]
         elif pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
             columns[column] = [_number(v) for v in values]
         else:
