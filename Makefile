@@ -11,7 +11,7 @@ TORCH_PIN ?= torch==2.13.0
 $(BIN)/saebench-poly: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[test]" "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[test,ray]" "$(TORCH_PIN)"
 	touch $@
 
 install: $(BIN)/saebench-poly

@@ -81,6 +81,9 @@ def run(
     batch_size: Annotated[int | None, typer.Option(help="Contexts (or samples) per batch; results do not depend on it.")] = None,
     output: Annotated[Path | None, typer.Option(help="Leaderboard file to write instead of the spec's.")] = None,
     examples: Annotated[int, typer.Option(min=0, help="Members stored per behaviour besides its central example (the report's text).")] = 5,
+    executor: Annotated[str, typer.Option(help="local (this process) or ray (the pass sharded over Ray workers).")] = "local",
+    address: Annotated[str | None, typer.Option(help="--executor ray: the Ray cluster (default: a new local one).")] = None,
+    workers: Annotated[int | None, typer.Option(help="--executor ray: shards (default: the cluster's GPUs, else CPUs).")] = None,
 ) -> None:
     """Score every entry of a spec and the raw neurons in one pass; write the Parquet leaderboard."""
     from saebench_poly.run import run_benchmark
@@ -90,11 +93,25 @@ def run(
     overrides = {"device": device, "dtype": dtype, "tokens": tokens, "batch_size": batch_size,
                  "output": str(output.resolve()) if output else None}
     loaded = with_overrides(loaded, {k: v for k, v in overrides.items() if v is not None})
-    result = run_benchmark(loaded, RichReporter(err_console), examples=examples)
+    chosen = _executor(executor, address, workers)
+    result = run_benchmark(loaded, RichReporter(err_console), examples=examples, executor=chosen)
     out_console.print(summary_table(result.rows, f"{loaded.spec.name}: {result.tokens_scored:,} tokens scored"))
     stem = result.output.name.removesuffix(".parquet")
     out_console.print(printable(f"wrote {result.output}, {stem}.units.parquet and {stem}.examples.parquet"))
     out_console.print(printable(f"see why: saebench-poly report {result.output}"))
+
+
+def _executor(name: str, address: str | None, workers: int | None) -> Any:
+    """The `saebench_poly.run.Executor` of ``--executor`` (None: this process)."""
+    if name == "local":
+        if address is not None or workers is not None:
+            raise UserError("--address and --workers apply to --executor ray only")
+        return None
+    if name == "ray":
+        from saebench_poly.executors import RayExecutor
+
+        return RayExecutor(address=address, workers=workers)
+    raise UserError(f"unknown executor {name!r}: use local or ray")
 
 
 def summary_table(rows: Any, title: str) -> Table:
