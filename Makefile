@@ -1,12 +1,15 @@
-# `make run` scores the embedded default benchmark; `make test` runs the test suite. Both create .venv first.
+# `make run` scores the embedded default benchmark and compares it with the committed leaderboard; `make test` runs
+# the test suite; `make leaderboards` regenerates the committed leaderboards from scratch. All create .venv first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # On these machines torch must come as this exact version: a CPU wheel that lies on the machine. A looser pin
 # downloads the newest CUDA build (several GB).
 TORCH_PIN ?= torch==2.13.0
+# Where `make run` writes (untracked), so that it leaves the committed leaderboards as they are.
+RUN_DIR := runs
 
-.PHONY: run test install clean
+.PHONY: run test install leaderboards clean
 
 $(BIN)/saebench-poly: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +20,20 @@ $(BIN)/saebench-poly: pyproject.toml
 install: $(BIN)/saebench-poly
 
 run: install
-	$(BIN)/saebench-poly run && $(BIN)/saebench-poly report leaderboards/toy-superposition.parquet
+	$(BIN)/saebench-poly run toy-superposition --output $(RUN_DIR)/toy-superposition.parquet
+	$(BIN)/saebench-poly check $(RUN_DIR)/toy-superposition.parquet --baseline leaderboards/toy-superposition.parquet \
+		--report-dir $(RUN_DIR)/check-report
+	$(BIN)/saebench-poly report $(RUN_DIR)/toy-superposition.parquet
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# After a change that moves their numbers: retrain every toy model and SAE (no cache) and rewrite the committed
+# leaderboards; commit leaderboards/ with the change.
+leaderboards: install
+	rm -rf benchmarks/.artifacts
+	$(BIN)/saebench-poly run toy-superposition
+	$(BIN)/saebench-poly run incidental-polysemanticity
+
 clean:
-	rm -rf $(VENV) benchmarks/.artifacts
+	rm -rf $(VENV) benchmarks/.artifacts $(RUN_DIR)

@@ -1,14 +1,21 @@
 """The ``saebench-poly`` command line.
 
-A user mistake (`UserError`) prints one line on stderr and exits with status 2, with no traceback; a bug keeps
-its traceback. Everything printed goes through consoles with rich markup, highlighting and emoji codes off, and
+Exit status: 0 done (for ``check``: pass), 1 a metric regressed or is missing (``check``), 2 a user mistake
+(`UserError`: one line on stderr, no traceback), 3 not comparable (``check``), 70 an internal error (a bug in
+saebench-poly: its traceback, then one line saying so), 130 interrupted. A run's temporary files go into a folder of
+its own (`own_temporary_folder`). Everything printed goes through consoles with rich markup, highlighting and emoji codes off, and
 user text (names, paths) through `usertext.printable`, so a name such as ``[/]x`` or one holding ESC prints as
 itself and cannot act on the terminal.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
 import sys
+import tempfile
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,13 +38,48 @@ SUMMARY_METRICS = {"l0": "L0", "dead_fraction": "dead", "rate_bits_per_token": "
                    "ce_increase": "dCE", "kl_divergence": "KL", "ce_loss_recovered": "CE rec",
                    "mean_max_cosine": "feat cos", "fraction_recovered": "feat rec",
                    "mean_effective_behaviours": "eff beh", "monosemantic_fraction": "mono"}
+# Frontier flag -> its column heading in `show`.
+FRONTIER_HEADINGS = {"pareto_rate_distortion": "RD", "pareto_rate_distortion_polysemanticity": "RDP"}
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE of sysexits.h; apart from check's 0-3, so that a crash never reads as a verdict
+EXIT_INTERRUPTED = 130
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+# Plain help (no rich boxes): typer's rich help labels every flag `<bool>`.
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Are SAE latents more monosemantic than the model's own neurons, and at what rate and distortion?")
 err_console = Console(stderr=True, markup=False, highlight=False, emoji=False)
 # Wide enough for the summary table when stdout is a file or a CI log, which rich would otherwise cut at 80.
 out_console = Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False, emoji=False)
+
+
+class _Command(typer.core.TyperCommand):
+    """Writes arguments in the usage line as click does, ``RESULTS`` and ``[SPEC]``, not as typer's ``{results}``."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [piece[1:-1].upper() if piece.startswith("{") and piece.endswith("}") else piece.upper()
+                for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Escaped(Exception):  # noqa: N818 - a carrier, not an error of its own
+    """Carries an EOFError or KeyboardInterrupt out of a command past click, which would print "Aborted!" and
+    exit 1, the status `check` gives a regression."""
+
+
+def command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``app.command``, with the usage line of `_Command` and EOFError / KeyboardInterrupt carried to `main`."""
+
+    def register(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except (EOFError, KeyboardInterrupt) as err:
+                raise _Escaped() from err
+
+        app.command(name, cls=_Command)(guarded)
+        return function
+
+    return register
 
 
 def resolve_spec_path(spec: str) -> Path:
@@ -72,7 +114,7 @@ class RichReporter:
         self.console.print(Text(printable(text), style="dim"))
 
 
-@app.command()
+@command()
 def run(
     spec: Annotated[str, typer.Argument(help="Spec file, or the name of a spec in benchmarks/.")] = DEFAULT_SPEC,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the spec's, auto).")] = None,
@@ -89,6 +131,8 @@ def run(
     from saebench_poly.run import run_benchmark
     from saebench_poly.spec import load_spec, with_overrides
 
+    if output is not None and output.is_dir():
+        raise UserError(f"--output {output} is a folder: name a file, e.g. {output / 'results.parquet'}")
     loaded = load_spec(resolve_spec_path(spec))
     overrides = {"device": device, "dtype": dtype, "tokens": tokens, "batch_size": batch_size,
                  "output": str(output.resolve()) if output else None}
@@ -131,7 +175,7 @@ def summary_table(rows: Any, title: str) -> Table:
     return table
 
 
-@app.command("list")
+@command("list")
 def list_registered() -> None:
     """Print the registered SAE sources, model loaders and metrics."""
     from saebench_poly.metrics import all_metrics
@@ -154,7 +198,7 @@ def list_registered() -> None:
     out_console.print(table)
 
 
-@app.command()
+@command()
 def hooks(spec: Annotated[str, typer.Argument(help="Spec file or name.")] = DEFAULT_SPEC) -> None:
     """Print the hooks of a spec's model with their widths (tab-separated, for scripts)."""
     import torch
@@ -170,7 +214,7 @@ def hooks(spec: Annotated[str, typer.Argument(help="Spec file or name.")] = DEFA
         typer.echo(f"{printable(name)}\t{adapter.hook_width(name)}")
 
 
-@app.command()
+@command()
 def submit(
     results: Annotated[Path, typer.Argument(help="Results file written by `saebench-poly run SPEC --output FILE`.")],
     leaderboard: Annotated[Path, typer.Option(help="Leaderboard to add the entries to (leaderboards/<name>.parquet).")],
@@ -204,7 +248,7 @@ def standing_table(name: str, frame: Any) -> Table:
     return table
 
 
-@app.command()
+@command()
 def show(
     leaderboard: Annotated[Path, typer.Argument(help="Leaderboard file.")],
     model: Annotated[str | None, typer.Option(help="Only entries on this model (model_id).")] = None,
@@ -241,26 +285,39 @@ def show(
         described = group.assign(key=entry_keys(group)).drop_duplicates("key").set_index("key")
         names = described["entry"]
         frontiers = [f for f in FRONTIERS if f in described.columns and described[f].notna().any()]
-        title = f"{', '.join(sorted(set(group['spec_name'])))} (spec {spec_hash[:12]}) on {', '.join(sorted(set(group['model_id'])))}"
-        table = Table(title=printable(title), caption=", ".join(f"{SUMMARY_METRICS.get(m, m)} = {m}" for m in shown if m in SUMMARY_METRICS))
-        for column in ("rank", "entry", "kind", "hook", "width"):
-            table.add_column(column, justify="right" if column in ("rank", "width") else "left", no_wrap=True)
+        hooks = sorted(set(group["hook"]))
+        title = (f"{', '.join(sorted(set(group['spec_name'])))} (spec {spec_hash[:12]}) on {', '.join(sorted(set(group['model_id'])))}"
+                 + (f" at {hooks[0]}" if len(hooks) == 1 else ""))
+        flag_names = {f: FRONTIER_HEADINGS.get(f, f) for f in frontiers}
+        legend = [f"{SUMMARY_METRICS[m]} = {m}" for m in shown if m in SUMMARY_METRICS]
+        legend += [f"{heading} = on the {f.removeprefix('pareto_').replace('_', '-')} frontier" for f, heading in flag_names.items()]
+        # Fits 120 columns with every summary metric: one space between columns and no box, 3 significant
+        # digits, and the hook in the title when the table has only one.
+        table = Table(title=printable(title), caption=", ".join(legend), box=None, pad_edge=False, header_style="bold underline",
+                      padding=(0, 1, 0, 0))
+        columns = ["rank", "entry", "kind", *(["hook"] if len(hooks) > 1 else []), "width"]
+        for column in columns:
+            folds = column in ("entry", "hook")  # a long name wraps onto a second line rather than losing its end
+            table.add_column(column, justify="right" if column in ("rank", "width") else "left", no_wrap=not folds,
+                             overflow="fold" if folds else "ellipsis", min_width=12 if folds else None)
         extra = [MEAN_RANK] if MEAN_RANK in table_rows.columns else []
         for column in [*shown, *extra]:
             table.add_column(printable(SUMMARY_METRICS.get(column, column)), justify="right", no_wrap=True)
-        for column in frontiers:
-            table.add_column(column.removeprefix("pareto_").replace("_", "-"), justify="center")
+        for heading in flag_names.values():
+            table.add_column(heading, justify="center", no_wrap=True)
         for key, values in table_rows.iterrows():
             info = described.loc[key]
             label = info["entry"] if (names == info["entry"]).sum() == 1 else f"{info['entry']} ({info['spec_name']})"
-            cells = ["-" if values[m] != values[m] else f"{values[m]:.4g}" for m in [*shown, *extra]]
+            cells = ["-" if values[m] != values[m] else f"{values[m]:.3g}" for m in [*shown, *extra]]
             flags = ["-" if pd.isna(info[f]) else ("yes" if info[f] else "") for f in frontiers]
-            table.add_row(f"{values['rank']:.0f}" if values["rank"] == values["rank"] else "-", printable(label),
-                          printable(info["entry_kind"]), printable(info["hook"]), str(info["width"]), *cells, *flags)
+            described_cells = {"rank": f"{values['rank']:.0f}" if values["rank"] == values["rank"] else "-",
+                               "entry": printable(label), "kind": printable(info["entry_kind"]),
+                               "hook": printable(info["hook"]), "width": str(info["width"])}
+            table.add_row(*(described_cells[c] for c in columns), *cells, *flags)
         out_console.print(table)
 
 
-@app.command()
+@command()
 def check(
     candidate: Annotated[str, typer.Argument(help="sae-lens checkpoint folder, or a results file (FILE or FILE::ENTRY).")],
     baseline: Annotated[str, typer.Option(help="Results file, or one entry of a results file or leaderboard: FILE::ENTRY.")],
@@ -272,7 +329,8 @@ def check(
 ) -> None:
     """Compare a checkpoint or results file with a baseline, metric by metric, within per-metric tolerances.
 
-    Exit status: 0 pass, 1 a metric regressed or is missing, 2 usage or validation error, 3 not comparable."""
+    Exit status: 0 pass, 1 a metric regressed or is missing, 2 usage or validation error, 3 not comparable,
+    70 internal error (a bug in saebench-poly)."""
     from saebench_poly.regression import check as check_regression
     from saebench_poly.regression import parse_tolerances
     from saebench_poly.results import split_reference
@@ -281,7 +339,7 @@ def check(
     report = check_regression(candidate, baseline, spec_path=spec_path, two_sided=two_sided, update_baseline=update_baseline,
                               report_dir=report_dir, tolerances=parse_tolerances(tolerance or []), reporter=RichReporter(err_console))
     moved = [(cells, fails) for cells, fails, status in report.rows() if status != "ok"]
-    if moved:
+    if moved and not report.not_comparable:  # numbers that are not comparable did not regress
         table = Table(title=printable(f"{report.candidate} vs {report.baseline}: metrics that moved beyond their tolerance"),
                       caption=f"{len(report.checks) - len(moved)} other metrics within tolerance (all in the report)")
         for column in ("entry", "metric", "better", "baseline", "candidate", "change", "allowed", "status"):
@@ -310,14 +368,61 @@ def report(
                                 f"{done.units_shown} units in the explorer){examples}"))
 
 
+@contextmanager
+def own_temporary_folder() -> Iterator[Path]:
+    """Point Python's temporary files at a new folder ``saebench-poly-<pid>-<random>`` in the temp directory,
+    removed at exit; first remove such folders (of this user) whose process no longer exists. sae-lens imports
+    wandb, which makes two temporary folders at import and removes them only at a clean exit: a killed run
+    would leave them in the temp directory, one pair per kill."""
+    base = Path(tempfile.gettempdir())
+    for stale in base.glob("saebench-poly-*-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and stale.is_dir() and not stale.is_symlink() and stale.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"saebench-poly-{os.getpid()}-", dir=base))
+    previous, tempfile.tempdir = tempfile.tempdir, str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*deprecated.*")
     try:
-        app()
+        with own_temporary_folder():
+            app()
     except UserError as err:
         err_console.print(f"saebench-poly: error: {printable(err)}", soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
+    except (KeyboardInterrupt, _Escaped) as err:
+        cause = err.__cause__ if isinstance(err, _Escaped) else err
+        if not isinstance(cause, KeyboardInterrupt):
+            _internal_error(cause)
+        err_console.print("saebench-poly: interrupted", soft_wrap=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as err:  # noqa: BLE001 - anything else is a bug: its traceback, and a status of its own
+        _internal_error(err)
+
+
+def _internal_error(err: BaseException) -> None:
+    traceback.print_exception(err)
+    err_console.print(f"saebench-poly: internal error: {printable(type(err).__name__)} (a bug in saebench-poly, not a "
+                      f"mistake in the input; please report it with the traceback above); exit status {EXIT_INTERNAL_ERROR}",
+                      soft_wrap=True)
+    sys.exit(EXIT_INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,11 @@ class TokenDataset:
             ) from e
         except ValueError as e:  # an unknown split or config name; the message lists the available ones
             raise UserError(f"dataset {cfg.path!r}: {_first_line(e)}") from e
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            raise UserError(f"dataset {cfg.path!r} is a loading script ({_first_line(e)}), which saebench-poly never runs: "
+                            "point the spec at data files (kind 'jsonl', 'parquet', 'text' or 'tokens')") from e
         # For hub datasets the builder's hash is the commit that was resolved; it pins the data for provenance.
         self._hub_revision = builder.hash or ""
         columns = self._hub_dataset.column_names
@@ -378,8 +383,8 @@ def _parquet_rows(path: Path, column: str) -> Iterator[Any]:
 def _npy_rows(path: Path) -> Iterator[np.ndarray]:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"cannot read dataset file {path} as a .npy int array ({_first_line(e)})") from e
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+        raise UserError(f"cannot read dataset file {path} as a .npy int array ({_first_line(e) or 'it is empty'})") from e
     if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.integer):
         raise UserError(f"{path} holds a {array.ndim}-d {array.dtype} array; token ids are an int array [rows, length]")
     yield from np.atleast_2d(array)

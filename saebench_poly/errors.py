@@ -10,5 +10,8 @@ class UserError(Exception):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """The first line of an exception's message (its type name when the message is empty). A first line that
+    only announces what follows (``Error(s) in loading state_dict for StandardSAE:``) gets the next line too,
+    which says what is wrong (``size mismatch for W_enc: ...``)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

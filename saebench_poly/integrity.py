@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -42,6 +43,17 @@ def settings_hash(settings: dict[str, Any]) -> str:
     """sha256 of spec settings (`BenchmarkSpec.settings`) as canonical JSON (sorted keys): the ``spec_hash`` of
     every leaderboard row."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's bytes; of a folder, sha256 over the (name, sha256) of each file directly in it, in name
+    order (hidden files aside): what a model folder holds, wherever it lies."""
+    if path.is_file():
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    listing = [[p.name, content_sha256(p)] for p in files]
+    return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
 
 
 def entry_key(run_id: str, entry: str) -> str:

@@ -347,16 +347,28 @@ def _held(units: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
 def replace_spec_rows(path: Path, spec_name: str, rows: pd.DataFrame, units: pd.DataFrame,
                       settings: dict[str, Any] | None = None, examples: pd.DataFrame | None = None) -> None:
     """Put ``rows`` (and ``units`` and ``examples``) in the leaderboard at ``path`` in place of the rows of
-    ``spec_name``, except entries that ``submit`` added; record the new entries' digests and the spec's ``settings``."""
+    ``spec_name``, except entries that ``submit`` added; record the new entries' digests and the spec's ``settings``.
+    A board holds one entry per (name, spec hash), and one SAE entry per (weights, spec hash): a kept entry that the
+    new rows score again, by name or by weights, is replaced by them."""
     examples = EXAMPLES_SCHEMA.empty_table().to_pandas() if examples is None else examples
     added = FileProvenance(digests=entry_digests(rows), specs={rows["spec_hash"].iloc[0]: settings} if settings else {})
+    names, weights = _identities(rows)
 
     def change(old: Contents) -> Contents:
-        kept = {k for k in entry_keys(old.rows) if k in old.provenance.submitted}
-        keep_rows = (old.rows["spec_name"] != spec_name) | entry_keys(old.rows).isin(kept)
-        keep_units = (old.units["spec_name"] != spec_name) | entry_keys(old.units).isin(kept)
-        keep_examples = (old.examples["spec_name"] != spec_name) | entry_keys(old.examples).isin(kept)
-        return Contents(concat(old.rows[keep_rows], rows), concat(old.units[keep_units], units), old.provenance.merged(added),
-                        concat(old.examples[keep_examples], examples))
+        old_names, old_weights = _identities(old.rows)
+        again = old_names.isin(set(names)) | old_weights.isin(set(weights.dropna()))
+        submitted = entry_keys(old.rows).isin(old.provenance.submitted)
+        keep = ((old.rows["spec_name"] != spec_name) | submitted) & ~again
+        # per-unit rows and stored examples of entries no longer held are dropped by `update`
+        return Contents(concat(old.rows[keep], rows), concat(old.units, units), old.provenance.merged(added),
+                        concat(old.examples, examples))
 
     update(path, change)
+
+
+def _identities(rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each row's (spec hash, entry name), and its (spec hash, weights sha256) for SAE rows (None otherwise)."""
+    names = pd.Series(list(zip(rows["spec_hash"], rows["entry"], strict=True)), index=rows.index, dtype=object)
+    weights = pd.Series([(h, w) if kind == "sae" else None for h, w, kind in
+                         zip(rows["spec_hash"], rows["weights_sha256"], rows["entry_kind"], strict=True)], index=rows.index, dtype=object)
+    return names, weights

@@ -34,6 +34,7 @@ tolerances.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -102,6 +103,11 @@ def parse_tolerances(texts: list[str]) -> dict[str, Tolerance]:
             raise UserError(f"tolerance {text!r}: write METRIC=ABSOLUTE,RELATIVE, e.g. fvu=0.002,0.05") from None
         if not metric or absolute < 0 or relative < 0:
             raise UserError(f"tolerance {text!r}: name a metric and give non-negative numbers")
+        known = list(all_metrics())
+        if metric not in known:
+            close = difflib.get_close_matches(metric, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else " (`saebench-poly list` names them)"
+            raise UserError(f"tolerance {text!r}: there is no metric {metric!r}{hint}")
         parsed[metric] = Tolerance(absolute, relative)
     return parsed
 

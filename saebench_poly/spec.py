@@ -6,6 +6,7 @@ the folder of the spec file. ``{name}`` in ``output`` and ``artifacts`` is repla
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from pathlib import Path
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from saebench_poly.data import DatasetConfig
 from saebench_poly.errors import UserError
-from saebench_poly.integrity import settings_hash
+from saebench_poly.integrity import content_sha256, settings_hash
 from saebench_poly.models.base import ModelConfig
 from saebench_poly.training import SAETrainingConfig
 from saebench_poly.usertext import NAME_CHARACTERS, is_valid_name, printable
@@ -107,6 +108,8 @@ class BenchmarkSpec(BaseModel):
     artifacts: str = ".artifacts/{name}"
     # (section, key) -> a local path as the spec file wrote it, before `load_spec` made it absolute.
     _written_paths: dict[tuple[str, str], str] = PrivateAttr(default_factory=dict)
+    # (section, key) -> the sha256 of what that local path holds (`integrity.content_sha256`), computed once.
+    _content: dict[tuple[str, str], str] = PrivateAttr(default_factory=dict)
 
     @field_validator("entries", mode="before")
     @classmethod
@@ -124,7 +127,11 @@ class BenchmarkSpec(BaseModel):
         """The evaluation settings: what the numbers depend on (model, data, token counts, context, BOS handling,
         the ignored tokens, seed, dtype, metrics and their options), not which entries are scored, where results go, the device or the
         batch size.
-        Local paths appear as the spec file wrote them, so the same spec gives the same settings in any checkout."""
+        A local model folder or data file is identified by what it holds, not where it lies: its path is replaced by
+        ``sha256`` (`integrity.content_sha256`), so the same files give the same settings at any path, relative or
+        absolute, and other files at the same path give other settings. The folder of a synthetic model (toy,
+        incidental) is a cache of what its options train, so it is left out. Paths stay in the leaderboard as
+        provenance (``model_id``, ``dataset_id``)."""
         settings = self.model_dump(
             mode="json",
             include={"model", "dataset", "tokens", "fit_tokens", "context_size", "prepend_bos", "bos_token_id",
@@ -134,9 +141,19 @@ class BenchmarkSpec(BaseModel):
             settings["metric_options"] = self.metric_options
         if self.dataset.kind != "synthetic":  # toy models have no tokens, and their specs keep their hash
             settings["ignore_tokens"] = self.ignore_tokens
-        for (section, key), written in self._written_paths.items():
-            settings[section][key] = written
+        for section, key in self._written_paths:
+            del settings[section][key]
+            if section != "model" or self.model.loader not in SYNTHETIC_LOADERS:
+                settings[section]["sha256"] = self._content_sha256(section, key)
         return settings
+
+    def _content_sha256(self, section: str, key: str) -> str:
+        if (section, key) not in self._content:
+            path = Path(getattr(getattr(self, section), key))
+            if not path.exists():
+                raise UserError(f"{section} {key} {path} does not exist: check the path in the spec")
+            self._content[section, key] = content_sha256(path)
+        return self._content[section, key]
 
     def settings_hash(self) -> str:
         """sha256 of `settings` (canonical JSON). Two results are comparable when their hashes are equal."""
@@ -210,16 +227,29 @@ def _looks_local(name: str, base_dir: Path) -> bool:
 
 
 def _first_problem(err: ValidationError) -> str:
-    problem = err.errors()[0]
-    loc = [str(part) for part in problem["loc"] if not re.fullmatch(r"[a-z_]+\[.*\]|function-after.*", str(part))]
-    if loc[:1] == ["dataset"] and len(loc) > 1 and loc[1] in DATASET_KINDS:
-        del loc[1]  # pydantic names the discriminated union's branch; the user wrote no such key
+    """The problem to report: an unknown key before anything else (a misspelt required key is also missing),
+    with the key it was probably meant to be."""
+    problems = err.errors()
+    unknown = [p for p in problems if p["type"] == "extra_forbidden"]
+    problem = (unknown or problems)[0]
+    loc = _user_location(problem)
     where = ".".join(loc)
     if problem["type"] == "extra_forbidden":
-        return f"unknown key {where!r} (check its spelling; the README lists the keys a spec takes)"
+        siblings = [_user_location(p)[-1] for p in problems if p["type"] == "missing" and _user_location(p)[:-1] == loc[:-1]]
+        known = siblings or (list(BenchmarkSpec.model_fields) if len(loc) == 1 else [])
+        close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else " (check its spelling; the README lists the keys a spec takes)"
+        return f"unknown key {where!r}{hint}"
     if problem["type"] == "missing":
         return f"missing key {where!r}"
     return f"{where or 'spec'}: {problem['msg'].removeprefix('Value error, ')}"
+
+
+def _user_location(problem: Any) -> list[str]:
+    loc = [str(part) for part in problem["loc"] if not re.fullmatch(r"[a-z_]+\[.*\]|function-after.*", str(part))]
+    if loc[:1] == ["dataset"] and len(loc) > 1 and loc[1] in DATASET_KINDS:
+        del loc[1]  # pydantic names the discriminated union's branch; the user wrote no such key
+    return loc
 
 
 def with_overrides(loaded: LoadedSpec, overrides: dict[str, Any]) -> LoadedSpec:
@@ -231,4 +261,5 @@ def with_overrides(loaded: LoadedSpec, overrides: dict[str, Any]) -> LoadedSpec:
     except ValidationError as err:
         raise UserError(f"option {_first_problem(err)}") from None
     spec._written_paths = {where: path for where, path in loaded.spec._written_paths.items() if where[0] not in overrides}
+    spec._content = {where: sha for where, sha in loaded.spec._content.items() if where in spec._written_paths}
     return LoadedSpec(spec=spec, path=loaded.path)

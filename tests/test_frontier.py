@@ -73,11 +73,12 @@ def test_every_write_recomputes_the_flags(tl_spec, tmp_path) -> None:
     assert flagged["neurons:blocks.0.hook_resid_post"] and flagged.notna().all()
     assert board["pareto_rate_distortion_polysemanticity"].isna().all() or "mean_effective_behaviours" in set(board["metric"])
 
-    # a second spec with the same settings scores the same entries again: ties keep both runs on the frontier
+    # a second spec with the same settings scores the same entries again: they replace the first run's (a board holds
+    # one entry per name and spec hash), and the flags are recomputed to the same values
     run_benchmark(with_overrides(loaded, {"name": "again"}))
-    both = pd.read_parquet(loaded.output_path).drop_duplicates(["run_id", "entry"])
-    again = both.set_index(["spec_name", "entry"])["pareto_rate_distortion"]
-    assert again["tiny-tl"].sort_index().equals(again["again"].sort_index())
+    again = pd.read_parquet(loaded.output_path).drop_duplicates("entry")
+    assert set(again["spec_name"]) == {"again"}
+    assert again.set_index("entry")["pareto_rate_distortion"].sort_index().equals(flagged.sort_index())
 
 
 def test_an_empty_leaderboard_gets_typed_null_columns() -> None:

@@ -6,6 +6,7 @@ Tiny GPT-2, BERT and Llama models are built from configs and saved as safetensor
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from transformers import (
 from transformers.activations import NewGELUActivation
 
 from saebench_poly.errors import UserError
+from saebench_poly.integrity import content_sha256
 from saebench_poly.models import MODEL_LOADERS, Batch, ModelConfig
 from saebench_poly.models.hf import HFModelAdapter, load_hf_model
 from tests.conftest import char_tokenizer
@@ -91,8 +93,9 @@ def no_hooks_left(adapter: HFModelAdapter) -> bool:
 
 def test_loader_is_registered_and_describes_the_model(gpt2, bert, folders):
     assert MODEL_LOADERS.get("hf") is load_hf_model
-    assert gpt2.describe() == {
-        "model_id": folders["gpt2"], "model_revision": "", "model_family": "hf", "tokenizer": folders["gpt2"]
+    assert gpt2.describe() == {  # a local folder's revision is the sha256 of its files
+        "model_id": folders["gpt2"], "model_revision": content_sha256(Path(folders["gpt2"])), "model_family": "hf",
+        "tokenizer": folders["gpt2"],
     }
     assert gpt2.supports_downstream and not bert.supports_downstream
     assert gpt2.tokenizer is not None and gpt2.tokenizer("ab", add_special_tokens=False)["input_ids"] == [3, 4]

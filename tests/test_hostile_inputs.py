@@ -3,7 +3,11 @@
 1. no code runs from a model folder (a tokenizer or config with ``auto_map`` custom code, ``trust_remote_code``);
 2. names that rich markup, a terminal or a Markdown table would interpret are refused on the way in, and print as
    themselves on every way out (terminal, Markdown, JSON) when a board already holds them;
-3. output files get the mode of the file they replace (0644 for new ones under umask 022).
+3. output files get the mode of the file they replace (0644 for new ones under umask 022);
+4. comparable means the same inputs: the spec hash covers what a model folder and a data file hold, not their paths;
+5. a board holds one entry per (name, spec hash);
+9. a fresh cold run of the default benchmark reproduces the committed leaderboard, whatever the thread count;
+10. ``show`` fits 120 columns, and the help has no typer artefacts.
 
 Each case asserts what the user sees: the exit status, one ``saebench-poly: error:`` line and no traceback, and
 that nothing ran or was left behind.
@@ -12,6 +16,7 @@ that nothing ran or was left behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -275,3 +280,315 @@ def test_outputs_are_0644_when_new_and_keep_the_mode_they_replace(saebench_toy_s
         assert stat.S_IMODE(board.stat().st_mode) == 0o664
     finally:
         os.umask(previous)
+
+
+# --- 4. comparable means the same inputs -------------------------------------------------------------------------
+
+
+def rows_of(board: Path):
+    return leaderboard.read_table(board)
+
+
+def test_another_model_at_the_same_path_is_not_comparable(tiny_tl_model_dir: Path, tl_spec, run_cli, tmp_path: Path) -> None:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from saebench_poly.models.hooked import save_hooked_transformer
+
+    model = shutil.copytree(tiny_tl_model_dir, tmp_path / "model")
+    spec = tl_spec(tokens=50)
+    spec.write_text(spec.read_text().replace(str(tiny_tl_model_dir), str(model)))
+    assert run_cli("run", str(spec), "--output", str(tmp_path / "board.parquet"))[0] == 0
+    config = HookedTransformerConfig(**{k: v for k, v in json.loads((model / "config.json").read_text()).items()
+                                        if k in ("n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_mlp", "d_vocab",
+                                                 "act_fn", "normalization_type")}, seed=1)
+    save_hooked_transformer(HookedTransformer(config), tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", model / "model.safetensors")
+    assert run_cli("run", str(spec), "--output", str(tmp_path / "other.parquet"))[0] == 0
+    revisions = {rows_of(tmp_path / name)["model_revision"].iloc[0] for name in ("board.parquet", "other.parquet")}
+    assert len(revisions) == 2 and all(len(r) == 64 for r in revisions)  # the folder's content hash
+    code, out, err = run_cli("submit", str(tmp_path / "other.parquet"), "--leaderboard", str(tmp_path / "board.parquet"))
+    assert code == 2 and "was scored with other settings" in error_line(err) and "model.sha256" in err
+
+
+def test_relative_and_absolute_paths_to_the_same_files_are_comparable(tiny_tl_model_dir: Path, token_file: Path, tl_spec,
+                                                                      run_cli, tmp_path: Path) -> None:
+    absolute = tl_spec(tokens=50)
+    relative = tmp_path / "relative.toml"
+    text = absolute.read_text()
+    for path in (tiny_tl_model_dir, token_file):
+        text = text.replace(str(path), os.path.relpath(path, tmp_path))
+    relative.write_text(text)
+    for spec, output in ((absolute, "a.parquet"), (relative, "b.parquet")):
+        assert run_cli("run", str(spec), "--output", str(tmp_path / output))[0] == 0
+    assert set(rows_of(tmp_path / "a.parquet")["spec_hash"]) == set(rows_of(tmp_path / "b.parquet")["spec_hash"])
+    code, out, err = run_cli("check", str(tmp_path / "b.parquet::pca:blocks.0.hook_resid_post"),
+                             "--baseline", str(tmp_path / "a.parquet::pca:blocks.0.hook_resid_post"),
+                             "--report-dir", str(tmp_path / "report"))
+    assert code == 0, out + err
+
+
+# --- 5. one entry per (name, spec hash) --------------------------------------------------------------------------
+
+
+def test_running_a_spec_onto_a_board_that_holds_its_submitted_entry_keeps_one_entry(tl_spec, run_cli, tmp_path: Path) -> None:
+    sae = write_sae(tmp_path / "sae-b", "standard", 16, 8, "blocks.0.hook_resid_post")
+    board, results = tmp_path / "board.parquet", tmp_path / "results.parquet"
+    assert run_cli("run", str(tl_spec(tokens=50)), "--output", str(board))[0] == 0
+    spec = tl_spec(tokens=50, name="submission", entries=[f"disk:{sae}"])
+    assert run_cli("run", str(spec), "--output", str(results))[0] == 0
+    assert run_cli("submit", str(results), "--leaderboard", str(board))[0] == 0
+    assert run_cli("run", str(spec), "--output", str(board))[0] == 0
+    rows = rows_of(board)
+    assert rows[rows["entry"] == "sae-b"]["run_id"].nunique() == 1
+    assert (rows.groupby(["spec_hash", "entry"])["run_id"].nunique() == 1).all()
+    code, out, err = run_cli("check", str(results), "--baseline", f"{board}::sae-b", "--report-dir", str(tmp_path / "report"))
+    assert code == 0, out + err
+
+
+# --- 6-7. a user mistake is one line that says what and where; a bug has its own exit status -----------------------
+
+
+def _set(spec: Path, old: str, new: str) -> Path:
+    text = spec.read_text()
+    assert old in text, (old, text)
+    spec.write_text(text.replace(old, new))
+    return spec
+
+
+def _tokens(tmp: Path, ids: list[list[int]] | None) -> Path:
+    import numpy as np
+
+    path = tmp / "ids.npy"
+    if ids is None:
+        path.write_bytes(b"")
+    else:
+        np.save(path, np.array(ids, dtype=np.int64))
+    return path
+
+
+def _with_tokens(spec: Path, token_file: Path, tokens: Path) -> Path:
+    return _set(spec, str(token_file), str(tokens))
+
+
+def _corrupt_weights(spec: Path, tiny_tl_model_dir: Path, tmp: Path) -> Path:
+    model = shutil.copytree(tiny_tl_model_dir, tmp / "model")
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    return _set(spec, str(tiny_tl_model_dir), str(model))
+
+
+def _script_dataset(spec: Path, token_file: Path, tmp: Path) -> Path:
+    folder = tmp / "scripted"
+    folder.mkdir()
+    (folder / "scripted.py").write_text("import datasets\nraise SystemExit('the loading script ran')\n")
+    return _set(spec, f'kind = "tokens"\npath = {json.dumps(str(token_file))}', f'kind = "hub"\npath = {json.dumps(str(folder))}')
+
+
+def _text_without_tokenizer(spec: Path, token_file: Path, tmp: Path) -> Path:
+    (tmp / "docs.txt").write_text("some text\nmore text\n")
+    return _set(spec, f'kind = "tokens"\npath = {json.dumps(str(token_file))}', f'kind = "text"\npath = {json.dumps(str(tmp / "docs.txt"))}')
+
+
+def _sae_with(tmp: Path, cfg_change) -> str:
+    folder = write_sae(tmp / "sae", "standard", 16, 8, "blocks.0.hook_resid_post")
+    path = folder / "cfg.json"
+    path.write_text(cfg_change(path.read_text()))
+    return f"disk:{folder}"
+
+
+def _wider(cfg: str) -> str:
+    return json.dumps({**json.loads(cfg), "d_sae": 9})
+
+
+def _with_entry(spec: Path, uri: str) -> Path:
+    return _set(spec, "entries = []", f"entries = [{json.dumps(uri)}]")
+
+
+# case -> (spec changes: (spec, tmp, fixtures) -> spec, a piece of the one error line)
+MISTAKES = {
+    "context_size above the model's n_ctx": (lambda spec, tmp, f: _set(spec, "context_size = 12", "context_size = 64"),
+                                             "context_size 64 is longer than"),
+    "token id beyond the vocabulary": (lambda spec, tmp, f: _with_tokens(spec, f["token_file"], _tokens(tmp, [[5, 300, 7] * 20] * 40)),
+                                       "token id 300"),
+    "0-byte tokens file": (lambda spec, tmp, f: _with_tokens(spec, f["token_file"], _tokens(tmp, None)), "ids.npy"),
+    "attention-pattern hook": (lambda spec, tmp, f: _set(spec, 'hooks = ["blocks.0.hook_resid_post"]', 'hooks = ["blocks.0.attn.hook_pattern"]'),
+                               "blocks.0.attn.hook_pattern"),
+    "corrupt model.safetensors": (lambda spec, tmp, f: _corrupt_weights(spec, f["tiny_tl_model_dir"], tmp), "model.safetensors"),
+    "hub dataset folder with a loading script": (lambda spec, tmp, f: _script_dataset(spec, f["token_file"], tmp), "loading script"),
+    "text data on a model without a tokenizer": (lambda spec, tmp, f: _text_without_tokenizer(spec, f["token_file"], tmp),
+                                                 "has no tokenizer"),
+    "typo of a required key": (lambda spec, tmp, f: _set(spec, "tokens = 400", "tokns = 400"),
+                               "unknown key 'tokns'; did you mean 'tokens'"),
+    "cfg.json d_sae that the weights do not have": (lambda spec, tmp, f: _with_entry(spec, _sae_with(tmp, _wider)), "size mismatch for W_"),
+    "cfg.json that is not JSON": (lambda spec, tmp, f: _with_entry(spec, _sae_with(tmp, lambda t: t[:-3])), "cfg.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_a_mistake_is_one_line_exit_2_and_writes_nothing(case: str, tl_spec, tiny_tl_model_dir: Path, token_file: Path,
+                                                          run_cli, tmp_path: Path) -> None:
+    change, message = MISTAKES[case]
+    spec = change(tl_spec(), tmp_path, {"tiny_tl_model_dir": tiny_tl_model_dir, "token_file": token_file})
+    code, out, err = run_cli("run", str(spec))
+    assert code == 2, out + err
+    assert message in error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tl_spec, run_cli, monkeypatch, tmp_path: Path) -> None:
+    import errno
+
+    import pyarrow.parquet as pq
+
+    def full(table, where, **kwargs) -> None:
+        Path(where).write_bytes(b"PAR1")  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    code, out, err = run_cli("run", str(tl_spec(tokens=50)))
+    assert code == 2 and "No space left on device" in error_line(err)
+    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize("where", ["output", "lock"])
+def test_an_output_or_lock_path_that_is_a_folder_is_one_line(where: str, tl_spec, run_cli, tmp_path: Path) -> None:
+    board = tmp_path / "out" / "board.parquet"
+    (board if where == "output" else Path(f"{board}.lock")).mkdir(parents=True)
+    code, out, err = run_cli("run", str(tl_spec(tokens=50)), "--output", str(board))
+    assert code == 2 and "is a folder" in error_line(err)
+    assert not board.is_file()
+
+
+def test_a_stale_temporary_is_removed_by_the_next_write(tl_spec, run_cli, tmp_path: Path) -> None:
+    board = tmp_path / "out" / "board.parquet"
+    board.parent.mkdir()
+    stale = [board.parent / ".board.parquet.k1ll3d.tmp", board.parent / ".board.units.parquet.k1ll3d.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a parquet file")
+    assert run_cli("run", str(tl_spec(tokens=50)))[0] == 0
+    assert not any(path.exists() for path in stale) and board.is_file()
+
+
+def test_check_refuses_a_tolerance_for_an_unknown_metric(run_cli, tmp_path: Path) -> None:
+    code, out, err = run_cli("check", str(tmp_path / "c.parquet"), "--baseline", str(tmp_path / "b.parquet"),
+                             "--tolerance", "fvuu=0.1,0")
+    assert code == 2 and "no metric 'fvuu'; did you mean 'fvu'?" in error_line(err)
+
+
+def test_not_comparable_prints_no_table_of_regressions(tl_spec, run_cli, tmp_path: Path) -> None:
+    for tokens, name in ((50, "a.parquet"), (60, "b.parquet")):
+        assert run_cli("run", str(tl_spec(tokens=tokens)), "--output", str(tmp_path / name))[0] == 0
+    entry = "::pca:blocks.0.hook_resid_post"
+    code, out, err = run_cli("check", f"{tmp_path / 'b.parquet'}{entry}", "--baseline", f"{tmp_path / 'a.parquet'}{entry}",
+                             "--report-dir", str(tmp_path / "report"))
+    assert code == 3, out + err
+    assert "not comparable" in out and "tokens: 60 (candidate) vs 50 (baseline)" in out
+    assert "beyond their tolerance" not in out and "regressed" not in out
+
+
+@pytest.mark.parametrize(("raised", "status", "last_line"), [
+    (ZeroDivisionError("a bug"), 70, "saebench-poly: internal error: ZeroDivisionError"),
+    (EOFError("a library read past the end"), 70, "saebench-poly: internal error: EOFError"),
+    (KeyboardInterrupt(), 130, "saebench-poly: interrupted"),
+], ids=["bug", "EOFError", "Ctrl-C"])
+def test_a_bug_has_its_own_exit_status_and_keeps_its_traceback(raised: BaseException, status: int, last_line: str,
+                                                               tl_spec, run_cli, monkeypatch) -> None:
+    import saebench_poly.run
+
+    def broken(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(saebench_poly.run, "run_benchmark", broken)
+    code, out, err = run_cli("run", str(tl_spec()))
+    assert code == status
+    assert err.strip().splitlines()[-1].startswith(last_line)
+    assert ("Traceback" in err) == (status == 70)
+    assert "Aborted" not in err
+
+
+def test_a_killed_run_leaves_nothing_in_the_temp_directory(saebench_toy_spec: Path, tmp_path: Path) -> None:  # noqa: F811
+    """sae-lens imports wandb, whose temporary folders a kill -9 would leave behind; the run keeps them in a
+    folder of its own, which the next run removes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    environment = {**os.environ, "TMPDIR": str(temp)}
+    script = Path(sys.executable).parent / "saebench-poly"
+    process = subprocess.Popen([str(script), "run", str(saebench_toy_spec), "--output", str(tmp_path / "b.parquet")],
+                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(temp.glob("saebench-poly-*/*wandb*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    left = list(temp.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(f"saebench-poly-{process.pid}-"), left
+    subprocess.run([str(script), "list"], env=environment, stdout=subprocess.DEVNULL, check=True, timeout=120)
+    assert list(temp.iterdir()) == []
+
+
+# --- 9. the README's first command -------------------------------------------------------------------------------
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_a_cold_run_of_the_default_benchmark_matches_the_committed_leaderboard(run_cli, tmp_path: Path) -> None:
+    """Trains the toy model and its SAEs from nothing (its own artifacts folder) with torch set to two threads,
+    and compares every value with `leaderboards/toy-superposition.parquet` (regenerate it with
+    `make leaderboards`) within the tolerances of `check`."""
+    import torch
+
+    from saebench_poly.regression import tolerance_for
+
+    spec = tmp_path / "benchmarks" / "toy-superposition.toml"
+    spec.parent.mkdir()
+    shutil.copyfile(REPOSITORY / "benchmarks" / "toy-superposition.toml", spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        code, out, err = run_cli("run", str(spec), "--output", str(tmp_path / "fresh.parquet"))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    fresh, committed = rows_of(tmp_path / "fresh.parquet"), rows_of(REPOSITORY / "leaderboards" / "toy-superposition.parquet")
+    assert set(fresh["spec_hash"]) == set(committed["spec_hash"]), "the settings changed: run `make leaderboards`"
+    values = fresh.merge(committed, on=["entry", "metric"], how="outer", suffixes=("_fresh", "_committed"), indicator=True)
+    assert (values["_merge"] == "both").all(), values[values["_merge"] != "both"][["entry", "metric", "_merge"]]
+
+    def close(fresh: float, committed: float, metric: str) -> bool:
+        if math.isnan(fresh) or math.isnan(committed):
+            return math.isnan(fresh) and math.isnan(committed)
+        return abs(fresh - committed) <= tolerance_for(metric).allowed(committed)
+
+    off = [f"{row.entry} {row.metric}: {row.value_committed} (committed) vs {row.value_fresh} (fresh)"
+           for row in values.itertuples() if not close(row.value_fresh, row.value_committed, row.metric)]
+    assert not off, "\n".join(off)
+
+
+# --- 10. show at 120 columns, help ---------------------------------------------------------------------------------
+
+
+def test_show_fits_120_columns_without_cutting_a_value(run_cli, monkeypatch) -> None:
+    from rich.console import Console
+
+    from saebench_poly import cli
+
+    monkeypatch.setattr(cli, "out_console", Console(width=120, markup=False, highlight=False, emoji=False))
+    code, out, err = run_cli("show", str(REPOSITORY / "leaderboards" / "toy-superposition.parquet"))
+    assert code == 0, err
+    assert max(len(line) for line in out.splitlines()) <= 120
+    assert "…" not in out
+    assert "topk-4" in out and "neurons:hidden" in out and "mean rank" in out and "RDP" in out
+
+
+@pytest.mark.parametrize("command", ["run", "submit", "show", "check", "hooks"])
+def test_the_help_has_no_typer_artefacts(command: str, run_cli) -> None:
+    code, out, err = run_cli(command, "--help")
+    usage = out.splitlines()[0]
+    assert code == 0 and f" {command} [OPTIONS]" in usage
+    assert "<bool>" not in out and "{" not in usage and "}" not in usage

@@ -76,7 +76,7 @@ def test_running_a_spec_again_replaces_its_rows(tl_spec, sae_folders, tmp_path: 
     second = run_benchmark(loaded)
     rows = pd.read_parquet(first.output)
     assert len(rows) == len(second.rows) and set(rows["run_id"]) == {second.rows["run_id"][0]}
-    other = with_overrides(loaded, {"name": "another-spec"})
+    other = with_overrides(loaded, {"name": "another-spec", "tokens": 90})  # other settings: its rows join the board
     run_benchmark(other)
     assert set(pd.read_parquet(first.output)["spec_name"]) == {"tiny-tl", "another-spec"}
 

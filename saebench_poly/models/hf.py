@@ -46,6 +46,7 @@ from transformers.utils import ModelOutput, cached_file
 from transformers.utils.hub import extract_commit_hash
 
 from saebench_poly.errors import UserError
+from saebench_poly.integrity import content_sha256
 from saebench_poly.models.base import (
     Batch,
     ForwardOutput,
@@ -102,7 +103,8 @@ def load_hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) ->
     with _hub_errors(cfg, f"the tokenizer of model {cfg.name!r}"):
         tokenizer = _load_tokenizer(cfg)
     # For hub models the cached config sits under snapshots/<commit>/: that commit pins the weights for provenance.
-    revision = extract_commit_hash(config_file, None) or cfg.revision
+    # A local folder has no commit: its revision is the sha256 of what it holds.
+    revision = content_sha256(Path(cfg.name)) if Path(cfg.name).is_dir() else extract_commit_hash(config_file, None) or cfg.revision
     return HFModelAdapter(model.to(device), tokenizer, model_id=cfg.name, revision=revision)
 
 

@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saebench_poly.errors import UserError, first_line
 from saebench_poly.hub import is_offline_error
+from saebench_poly.integrity import content_sha256
 from saebench_poly.models.base import (
     CONFIG_FILENAME,
     WEIGHTS_FILENAME,
@@ -100,7 +102,10 @@ def _load_local(folder: Path, device: torch.device, dtype: torch.dtype, kwargs: 
         raise UserError(f"{config_path} is not a valid HookedTransformerConfig: {err}") from None
     tokenizer = _local_tokenizer(folder)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = load_file(weights_path)
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(err)})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(
@@ -164,7 +169,8 @@ class HookedTransformerAdapter(ModelAdapter):
         return next(self.model.parameters()).device
 
     def hook_names(self) -> list[str]:
-        """The hooks that fire in a forward pass (some exist only with config flags, e.g. ``attn.hook_result``)."""
+        """The hooks that fire in a forward pass (some exist only with config flags, e.g. ``attn.hook_result``)
+        with one activation per position."""
         return sorted(self._widths)
 
     @cached_property
@@ -247,7 +253,18 @@ class HookedTransformerAdapter(ModelAdapter):
 
         return UnitInputs(source=source, weight=matrix.T.contiguous(), bias=bias, capture=capture, hook=source)
 
+    def _check_tokens(self, inputs: torch.Tensor) -> None:
+        cfg = self.model.cfg
+        if inputs.shape[1] > cfg.n_ctx:
+            raise UserError(f"context_size {inputs.shape[1]} is longer than model {self.model_id!r} takes (n_ctx {cfg.n_ctx}): "
+                            f"set context_size to at most {cfg.n_ctx}")
+        if inputs.numel() and (inputs.min() < 0 or inputs.max() >= cfg.d_vocab):
+            bad = int(inputs.max()) if inputs.max() >= cfg.d_vocab else int(inputs.min())
+            raise UserError(f"token id {bad} is outside model {self.model_id!r}'s vocabulary (ids 0..{cfg.d_vocab - 1}): "
+                            "the token data were made for another tokenizer")
+
     def forward(self, batch: Batch, hooks: Sequence[str], logits: bool = True) -> ForwardOutput:
+        self._check_tokens(batch.inputs)
         resume_hooks = {self._resume_hook(h) for h in hooks} - {None}
         if resume_hooks and self.model.cfg.positional_embedding_type == "shortformer":
             # shortformer models add the positional embedding to each block's attention input, not to the
@@ -305,7 +322,8 @@ def load_hooked_transformer(cfg: ModelConfig, device: torch.device, dtype: torch
     folder = Path(cfg.name)
     if folder.is_dir():
         model = _load_local(folder, device, dtype, kwargs)
-        return HookedTransformerAdapter(model, model_id=folder.name, revision=cfg.revision)
+        # a local folder's revision is the sha256 of what it holds: the same files are the same model wherever they lie
+        return HookedTransformerAdapter(model, model_id=folder.name, revision=content_sha256(folder))
     if folder.is_absolute() or cfg.name.startswith("."):
         raise UserError(f"model folder {cfg.name} does not exist")
     return HookedTransformerAdapter(_load_from_hub(cfg.name, cfg.revision, device, dtype, kwargs), cfg.name, cfg.revision)

@@ -32,6 +32,8 @@ def load_disk(argument: str, context: SourceContext) -> SAEEntry:
         sae = _load_inference_sae(folder, architecture, context.device)
     except UserError:
         raise
+    except json.JSONDecodeError as err:
+        raise UserError(f"{folder / SAE_CONFIG_FILENAME} is not valid JSON ({err.msg} at line {err.lineno})") from None
     except Exception as err:  # noqa: BLE001 - a broken checkpoint can fail anywhere inside sae-lens
         raise UserError(f"SAE checkpoint {folder} could not be loaded: {first_line(err)}") from None
     uri = f"disk:{argument}"
