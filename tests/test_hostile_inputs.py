@@ -435,19 +435,30 @@ def test_a_mistake_is_one_line_exit_2_and_writes_nothing(case: str, tl_spec, tin
 
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_file(tl_spec, run_cli, monkeypatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("failure", ["full disk", "read-only folder"])
+def test_a_file_system_that_refuses_the_write_is_one_line_and_leaves_no_file(failure: str, tl_spec, run_cli, monkeypatch,
+                                                                              tmp_path: Path) -> None:
+    """Simulated (the tests may run as root, whom a read-only folder does not stop): the disk fills up after a
+    partial write, or the folder refuses new files."""
     import errno
+    import tempfile
 
     import pyarrow.parquet as pq
 
     def full(table, where, **kwargs) -> None:
-        Path(where).write_bytes(b"PAR1")  # a partial write, then the disk is full
+        Path(where).write_bytes(b"PAR1")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pq, "write_table", full)
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    if failure == "full disk":
+        monkeypatch.setattr(pq, "write_table", full)
+    else:
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
     code, out, err = run_cli("run", str(tl_spec(tokens=50)))
-    assert code == 2 and "No space left on device" in error_line(err)
-    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".lock")] == []
+    assert code == 2 and ("No space left on device" if failure == "full disk" else "Permission denied") in error_line(err)
+    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".lock")] == []  # no orphan units table
 
 
 @pytest.mark.parametrize("where", ["output", "lock"])

@@ -3,6 +3,7 @@ per-unit columns that a third-party family declares, and a PCA baseline with not
 
 from __future__ import annotations
 
+import re
 from itertools import combinations
 from pathlib import Path
 
@@ -136,5 +137,6 @@ def test_a_third_party_family_declares_its_per_unit_columns(toy_folder, run_cli,
 def test_a_family_reporting_an_undeclared_per_unit_column_is_a_bug_named(toy_folder, run_cli, registered) -> None:
     registered("undeclared", Undeclared)
     spec = toy_spec(toy_folder, "undeclared", ["undeclared_mean"])
-    with pytest.raises(ValueError, match=r"Undeclared reports the per-unit values \['decoder_norm'\]"):
-        run_cli("run", str(spec))
+    code, out, err = run_cli("run", str(spec))  # a bug: its traceback, and the internal-error status
+    assert code == 70 and "Traceback" in err
+    assert re.search(r"ValueError: .*Undeclared reports the per-unit values \['decoder_norm'\]", err)
