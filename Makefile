@@ -29,9 +29,10 @@ test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # After a change that moves their numbers: retrain every toy model and SAE (no cache) and rewrite the committed
-# leaderboards; commit leaderboards/ with the change.
+# leaderboards from nothing (also across a schema version); commit leaderboards/ with the change.
 leaderboards: install
 	rm -rf benchmarks/.artifacts
+	rm -f leaderboards/toy-superposition*.parquet leaderboards/incidental-polysemanticity*.parquet
 	$(BIN)/saebench-poly run toy-superposition
 	$(BIN)/saebench-poly run incidental-polysemanticity
 
