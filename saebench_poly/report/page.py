@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from saebench_poly.leaderboard import write_atomic
 from saebench_poly.report.content import ReportContent, read_content
 from saebench_poly.report.figures import distribution_figure, frontier_figures, shares_figure
 
@@ -87,16 +86,7 @@ def build_report(leaderboard: Path, output: Path | None = None, max_units: int =
     content = read_content(leaderboard, max_units)
     text = render(content).encode("utf-8")
     output = output or default_report_path(leaderboard)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, output)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    write_atomic(text, output)
     return ReportSummary(output=output, bytes=len(text), seconds=time.perf_counter() - started,
                          entries=len(content.entries), units_shown=sum(len(u["units"]) for u in content.units.values()),
                          has_examples=content.has_examples)
