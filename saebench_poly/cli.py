@@ -40,6 +40,10 @@ SUMMARY_METRICS = {"l0": "L0", "dead_fraction": "dead", "rate_bits_per_token": "
                    "mean_effective_behaviours": "eff beh", "monosemantic_fraction": "mono"}
 # Frontier flag -> its column heading in `show`.
 FRONTIER_HEADINGS = {"pareto_rate_distortion": "RD", "pareto_rate_distortion_polysemanticity": "RDP"}
+# saebench_poly.checkpoint's (tests/test_checkpoint.py checks that they agree), written out here so that the
+# command line starts without importing torch
+CHECKPOINT_FILE = "pass-checkpoint.safetensors"
+DEFAULT_CHECKPOINT_EVERY = 100
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE of sysexits.h; apart from check's 0-3, so that a crash never reads as a verdict
 EXIT_INTERRUPTED = 130
@@ -126,6 +130,12 @@ def run(
     executor: Annotated[str, typer.Option(help="local (this process) or ray (the pass sharded over Ray workers).")] = "local",
     address: Annotated[str | None, typer.Option(help="--executor ray: the Ray cluster (default: a new local one).")] = None,
     workers: Annotated[int | None, typer.Option(help="--executor ray: shards (default: the cluster's GPUs, else CPUs).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help=(
+        "--executor local: write a checkpoint of the pass every N batches, to <artifacts>/"
+        f"{CHECKPOINT_FILE} (the spec's artifacts folder); 0: none. Removed when the run finishes."))] = DEFAULT_CHECKPOINT_EVERY,
+    resume: Annotated[bool, typer.Option("--resume", help=(
+        "Continue from the checkpoint a killed run left (refused if the spec's settings or entries changed); "
+        "without one, score from the start."))] = False,
 ) -> None:
     """Score every entry of a spec and the raw neurons in one pass; write the Parquet leaderboard."""
     from saebench_poly.run import run_benchmark
@@ -138,7 +148,8 @@ def run(
                  "output": str(output.resolve()) if output else None}
     loaded = with_overrides(loaded, {k: v for k, v in overrides.items() if v is not None})
     chosen = _executor(executor, address, workers)
-    result = run_benchmark(loaded, RichReporter(err_console), examples=examples, executor=chosen)
+    result = run_benchmark(loaded, RichReporter(err_console), examples=examples, executor=chosen,
+                           checkpoint_every=checkpoint_every if chosen is None else 0, resume=resume)
     out_console.print(summary_table(result.rows, f"{loaded.spec.name}: {result.tokens_scored:,} tokens scored"))
     stem = result.output.name.removesuffix(".parquet")
     out_console.print(printable(f"wrote {result.output}, {stem}.units.parquet and {stem}.examples.parquet"))

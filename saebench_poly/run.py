@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from saebench_poly import leaderboard
+from saebench_poly import checkpoint, leaderboard
 from saebench_poly.activations import ScoredEntry, fit_baselines, revisit, score
 from saebench_poly.errors import UserError
 from saebench_poly.example_windows import stored_examples
@@ -147,27 +147,33 @@ def prepare_run(loaded: LoadedSpec, reporter: Reporter | None = None) -> Prepare
 
 
 def run_benchmark(loaded: LoadedSpec, reporter: Reporter | None = None, write: bool = True,
-                  examples: int = DEFAULT_MEMBERS, executor: Executor | None = None) -> RunResult:
+                  examples: int = DEFAULT_MEMBERS, executor: Executor | None = None,
+                  checkpoint_every: int | None = None, resume: bool = False) -> RunResult:
     """Score every entry of ``loaded`` in one pass and (when ``write``) replace the spec's leaderboard rows. Each
     behaviour's central example and up to ``examples`` more of its members go to the stored-examples table. The
     pass runs in this process, or sharded by ``executor`` (`saebench_poly.executors`), whose accumulators this
     process merges before the post-pass stage.
 
+    A pass in this process writes a checkpoint of its accumulators every ``checkpoint_every`` batches (none when
+    None or 0) and ``resume`` continues from the checkpoint a killed run left (`saebench_poly.checkpoint`); the
+    checkpoint is removed once the run has finished.
+
     A spec of a synthetic model (toy, incidental) runs on one CPU thread: its tensors are tiny, so a second thread
     only spins (a cold default benchmark took 250 s on two busy cores, 30 s on one), and what it trains (the model,
     the SAEs) then does not depend on the machine's thread count."""
     with single_thread() if loaded.spec.model.loader in SYNTHETIC_LOADERS else nullcontext():
-        return _run_benchmark(loaded, reporter, write, examples, executor)
+        return _run_benchmark(loaded, reporter, write, examples, executor, checkpoint_every or 0, resume)
 
 
 def _run_benchmark(loaded: LoadedSpec, reporter: Reporter | None, write: bool, examples: int,
-                   executor: Executor | None) -> RunResult:
+                   executor: Executor | None, checkpoint_every: int, resume: bool) -> RunResult:
     reporter = reporter or Reporter()
+    if executor is not None and resume:
+        raise UserError("--resume applies to --executor local only (a sharded run writes no checkpoint)")
     prepared = prepare_run(loaded, reporter)
     adapter, inputs, scored = prepared.adapter, prepared.inputs, prepared.scored
     if executor is None:
-        with reporter.task(f"scoring {len(scored)} entries", inputs.tokens_in("score")) as advance:
-            tokens = score(adapter, scored, inputs.batches("score"), advance)
+        tokens = _score_here(prepared, reporter, checkpoint_every, resume)
     else:
         tokens = executor.score(prepared, reporter)
     with reporter.task("characteristic examples", sum(len(item.accumulators) for item in scored)) as advance:
@@ -179,7 +185,40 @@ def _run_benchmark(loaded: LoadedSpec, reporter: Reporter | None, write: bool, e
     output = loaded.output_path
     if write:
         leaderboard.replace_spec_rows(output, loaded.spec.name, rows, units, settings=loaded.spec.settings(), examples=stored)
+    checkpoint.checkpoint_path(loaded.artifacts_dir).unlink(missing_ok=True)
     return RunResult(rows=rows, units=units, output=output, tokens_scored=tokens, examples=stored)
+
+
+def _score_here(prepared: PreparedRun, reporter: Reporter, every: int, resume: bool) -> int:
+    """The pass in this process, checkpointed every ``every`` batches, from the checkpoint when ``resume`` finds
+    one; returns the number of tokens scored in the whole pass."""
+    inputs, scored = prepared.inputs, prepared.scored
+    path = checkpoint.checkpoint_path(prepared.loaded.artifacts_dir)
+    ident = checkpoint.identity(prepared.loaded.spec.settings_hash(),
+                                [(item.entry.name, item.entry.uri, item.accumulators) for item in scored])
+    start = checkpoint.Position()
+    if resume and path.is_file():
+        start = checkpoint.restore(path, ident, [item.accumulators for item in scored], prepared.device)
+        reporter.message(f"resuming from {path}: {start.tokens:,} tokens ({start.contexts:,} contexts) were scored")
+    elif resume:
+        reporter.message(f"no checkpoint at {path}: scoring from the start")
+    total = inputs.contexts_in("score")
+    if start.contexts == 0:
+        batches, before = inputs.batches("score"), 0
+    elif start.contexts < total:
+        batches, before = inputs.score_slice(start.contexts, total)
+    else:  # killed after the pass
+        batches, before = iter(()), start.tokens
+    if before != start.tokens:
+        raise UserError(f"the checkpoint {path} counts {start.tokens:,} tokens in the first {start.contexts:,} "
+                        f"contexts, the data now {before:,}: run without --resume to start over")
+    if every:
+        batches = checkpoint.checkpointed(batches, every, start, lambda position: checkpoint.save(
+            path, ident, position, [item.accumulators for item in scored]))
+    with reporter.task(f"scoring {len(scored)} entries", inputs.tokens_in("score")) as advance:
+        advance(start.tokens)
+        return start.tokens + score(prepared.adapter, scored, batches, advance, first_context=start.contexts,
+                                    first_token=start.tokens)
 
 
 def _resolve_model_kwargs(loaded: LoadedSpec, reporter: Reporter) -> bool:
