@@ -18,6 +18,8 @@ import pytest
 from safetensors import safe_open
 
 from saebench_poly import checkpoint, cli
+from saebench_poly.run import Reporter, _score_here, prepare_run
+from saebench_poly.spec import load_spec
 from tests.conftest import D_MODEL, write_sae
 from tests.test_cli_errors import error_line
 
@@ -86,10 +88,6 @@ def _written_position_line(err: str) -> int:
 
 def test_a_checkpoint_of_another_spec_is_refused_in_one_line(tl_spec, tmp_path, run_cli) -> None:
     spec = _spec(tl_spec, tmp_path)
-    from saebench_poly.run import _score_here, prepare_run
-    from saebench_poly.run import Reporter
-    from saebench_poly.spec import load_spec
-
     prepared = prepare_run(load_spec(spec))
     _score_here(prepared, Reporter(), every=50, resume=False)  # leaves the checkpoint a killed run would
     saved = checkpoint.checkpoint_path(tmp_path / ".artifacts" / "tiny-tl")
