@@ -213,12 +213,28 @@ def _score_here(prepared: PreparedRun, reporter: Reporter, every: int, resume: b
         raise UserError(f"the checkpoint {path} counts {start.tokens:,} tokens in the first {start.contexts:,} "
                         f"contexts, the data now {before:,}: run without --resume to start over")
     if every:
-        batches = checkpoint.checkpointed(batches, every, start, lambda position: checkpoint.save(
-            path, ident, position, [item.accumulators for item in scored]))
+        batches = checkpoint.checkpointed(batches, every, start, _checkpoint_writer(path, ident, scored, reporter))
     with reporter.task(f"scoring {len(scored)} entries", inputs.tokens_in("score")) as advance:
         advance(start.tokens)
         return start.tokens + score(prepared.adapter, scored, batches, advance, first_context=start.contexts,
                                     first_token=start.tokens)
+
+
+def _checkpoint_writer(path: Path, ident: dict, scored: list[ScoredEntry],
+                       reporter: Reporter) -> Callable[[checkpoint.Position], None]:
+    """Writes the checkpoint at a position; a file system that refuses it (a read-only artifacts folder, a full
+    disk) is said once and the run goes on without checkpoints, since they only guard against a later failure."""
+    refused: list[UserError] = []
+
+    def write(position: checkpoint.Position) -> None:
+        if not refused:
+            try:
+                checkpoint.save(path, ident, position, [item.accumulators for item in scored])
+            except UserError as err:
+                refused.append(err)
+                reporter.message(f"{err}; the run goes on without checkpoints")
+
+    return write
 
 
 def _resolve_model_kwargs(loaded: LoadedSpec, reporter: Reporter) -> bool:
