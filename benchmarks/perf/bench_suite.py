@@ -22,9 +22,10 @@ For each case, on the entries a run scores (the SAEs and the baselines it adds; 
 
 Each configuration runs ``--repeats`` times, round-robin (so that a shared machine's drift hits all of them), and
 the median counts. Ratios are tokens/s of the configuration over tokens/s of the bare pass (1 = free).
-``--rss`` also runs the full suite in fresh processes at 1x and 10x ``--rss-tokens`` and reports their peak RSS.
+``--rss`` also runs the full suite in fresh processes at 1x and 10x ``--rss-tokens`` and reports their peak RSS, in
+all and stage by stage (``--rss-only``: that alone).
 
-    python benchmarks/perf/bench_suite.py [--case tl|bert|all] [--tokens N] [--repeats R] [--rss] [--only F ...]
+    python benchmarks/perf/bench_suite.py [--case tl|bert|all] [--tokens N] [--repeats R] [--rss | --rss-only] [--only F ...]
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -315,22 +315,63 @@ def measure(case: str, args: argparse.Namespace) -> list[tuple[str, float, float
     return results
 
 
-def peak_rss(case: str, args: argparse.Namespace, tokens: int) -> float:
+def _memory_gib() -> tuple[float, float]:
+    """(resident, peak resident since the last `_reset_peak`) of this process, GiB (Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields[key].split()[0]) / 2**20 for key in ("VmRSS", "VmHWM"))
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+
+
+class MemoryReporter:
+    """Records the peak resident memory of each task a run reports (`saebench_poly.run.Reporter`)."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
+
+    @contextmanager
+    def task(self, description: str, total: int | None):
+        self._between()
+        yield lambda _n: None
+        self.peaks[description] = max(self.peaks.get(description, 0.0), _memory_gib()[1])
+        _reset_peak()
+
+    def message(self, text: str) -> None:
+        pass
+
+    def _between(self) -> None:
+        """The peak since the last task ended (loading, the records' `compute` calls, the write), then a reset."""
+        self.peaks[BETWEEN] = max(self.peaks.get(BETWEEN, 0.0), _memory_gib()[1])
+        _reset_peak()
+
+
+BETWEEN = "outside the stages (loading, compute, write)"
+
+
+def peak_rss(case: str, args: argparse.Namespace, tokens: int) -> dict[str, float]:
     """Peak resident memory (GiB) of a fresh process that runs the full suite of ``case`` on ``tokens`` tokens."""
     command = [sys.executable, __file__, "--child-rss", case, "--threads", str(args.threads), "--context", str(args.context),
                "--batch-size", str(args.batch_size), "--bert-d-sae", str(args.bert_d_sae), "--tokens", str(tokens)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])["peak_rss_gib"]
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def child_rss(case: str, args: argparse.Namespace) -> None:
+    """In a fresh process: the full suite's peak RSS, in all and in each stage it reports (and outside them:
+    loading, the records' `compute` calls, the write), from the start of `run_benchmark` (building the case is left
+    out)."""
     from saebench_poly.run import run_benchmark
     from saebench_poly.spec import load_spec
 
+    reporter = MemoryReporter()
     with tempfile.TemporaryDirectory() as scratch:
-        run_benchmark(load_spec(build_case(case, Path(scratch), args, args.tokens)))
-    # ru_maxrss is in KiB on Linux
-    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+        loaded = load_spec(build_case(case, Path(scratch), args, args.tokens))
+        _reset_peak()
+        run_benchmark(loaded, reporter)
+        reporter._between()
+    print(json.dumps({"peak_rss_gib": max(reporter.peaks.values()), **reporter.peaks}))
 
 
 def main() -> None:
@@ -345,6 +386,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="measure only these configurations (labels as printed)")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS of the full suite at 1x and 10x")
     parser.add_argument("--rss-tokens", type=int, default=4_096)
+    parser.add_argument("--rss-only", action="store_true", help="measure only the peak RSS (no timings)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is wall time, idle)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
                         help="process CPU time (robust to other processes on a shared machine) or wall time")
@@ -357,13 +399,17 @@ def main() -> None:
         child_rss(args.child_rss, args)
         return
     cases = ("tl", "bert") if args.case == "all" else (args.case,)
-    for case in cases:
-        measure(case, args)
-    if args.rss:
+    if not args.rss_only:
+        for case in cases:
+            measure(case, args)
+    if args.rss or args.rss_only:
         for case in cases:
             low, high = (peak_rss(case, args, factor * args.rss_tokens) for factor in (1, 10))
-            print(f"case {case}: full suite peak RSS {low:.2f} GiB at {args.rss_tokens} tokens, {high:.2f} GiB at "
-                  f"{10 * args.rss_tokens} tokens (+{100 * (high / low - 1):.1f}%)")
+            total_low, total_high = low.pop("peak_rss_gib"), high.pop("peak_rss_gib")
+            print(f"case {case}: full suite peak RSS {total_low:.2f} GiB at {args.rss_tokens} tokens, {total_high:.2f} "
+                  f"GiB at {10 * args.rss_tokens} tokens (+{100 * (total_high / total_low - 1):.1f}%); by stage:")
+            for stage in low:
+                print(f"  {stage:32s} {low[stage]:.2f} -> {high.get(stage, float('nan')):.2f} GiB")
 
 
 if __name__ == "__main__":
