@@ -177,7 +177,7 @@ def _run_benchmark(loaded: LoadedSpec, reporter: Reporter | None, write: bool, e
     else:
         tokens = executor.score(prepared, reporter)
     with reporter.task("characteristic examples", sum(len(item.accumulators) for item in scored)) as advance:
-        revisit(scored, inputs.scored_contexts, advance)
+        revisit(adapter, scored, inputs.scored_contexts, advance)
     with reporter.task(STORED_EXAMPLES_TASK, None) as advance:
         windows = stored_examples(scored, inputs.scored_contexts, adapter, examples, advance)
 

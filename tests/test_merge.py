@@ -53,7 +53,7 @@ def _split_and_merge(spec: Path) -> tuple[list, list]:
             for mine, theirs in zip(target.accumulators, item.accumulators, strict=True):
                 mine.merge(pickle.loads(pickle.dumps(theirs)))  # as it travels between processes
     for run in (whole, merged):
-        revisit(run.scored, run.inputs.scored_contexts)
+        revisit(run.adapter, run.scored, run.inputs.scored_contexts)
     return whole.scored, merged.scored
 
 

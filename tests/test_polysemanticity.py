@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from saebench_poly.activations import revisit_accumulators
 from saebench_poly.inputs import Inputs
 from saebench_poly.metrics import EntryBatch
 from saebench_poly.metrics.behaviours import connected_components, cosine_similarities, unit_behaviours
@@ -290,7 +291,7 @@ def behaviours_of(data: torch.Tensor, basis: torch.Tensor | None = None, signed:
     kind = BasisEntry if signed else PositiveDirections
     entry = kind(name="directions", uri="test:directions", kind="random", hook="x", basis=basis.to(data.device))
     (accumulator,) = scored_accumulators(adapter, [entry], PolysemanticityOptions(**options))
-    accumulator.revisit(adapter.contexts)
+    revisit_accumulators(adapter, [accumulator], adapter.contexts)
     return pd.DataFrame(accumulator.unit_values()), accumulator.compute()
 
 
@@ -369,29 +370,31 @@ def test_the_re_run_gives_each_batch_one_forward_for_every_hook_and_entry(tl_spe
     ln2 of its block): every batch of the re-run after the pass is one forward of the transformer-lens model."""
     from transformer_lens import HookedTransformer
 
-    import saebench_poly.metrics.polysemanticity as polysemanticity
+    import saebench_poly.activations as activations
 
     write_sae(tmp_path / "resid-sae", "standard", D_MODEL, 24, RESID)
-    counts = {"batches": 0, "forwards": 0}
-    fill, forward = polysemanticity._fill, HookedTransformer.run_with_cache
+    counts = {"batches": 0, "forwards": 0, "rounds": 0}
+    read, forward = activations.read_rows, HookedTransformer.run_with_cache
 
-    def counted_fill(groups, inputs, contexts, adapter):
+    def counted_read(adapter, requests, contexts):
         def counted_contexts(indices):
             for item in contexts(indices):
                 counts["batches"] += 1
                 yield item
-        counts["filling"] = True
-        fill(groups, inputs, counted_contexts, adapter)
+        counts["filling"], counts["rounds"] = True, counts["rounds"] + 1
+        rows = read(adapter, requests, counted_contexts)
         counts["filling"] = False
+        return rows
 
     def counted_forward(self, *args, **kwargs):
         counts["forwards"] += bool(counts.get("filling"))
         return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(polysemanticity, "_fill", counted_fill)
+    monkeypatch.setattr(activations, "read_rows", counted_read)
     monkeypatch.setattr(HookedTransformer, "run_with_cache", counted_forward)
     result = run_benchmark(load_spec(tl_spec(entries=["disk:resid-sae"], tokens=300)), write=False)
     assert {"resid-sae", f"pca:{RESID}", f"random:{RESID}", "neurons:blocks.0.mlp.hook_post"} <= set(result.units["entry"])
+    assert counts["rounds"] == 1  # one re-run after the pass, for every entry
     assert counts["batches"] > 0 and counts["forwards"] == counts["batches"]
 
 
@@ -534,7 +537,7 @@ def test_entries_at_one_hook_share_each_forward_of_the_re_run_and_grouping_chang
     def revisited_together() -> tuple[int, int, list[pd.DataFrame]]:
         accumulators = scored_accumulators(adapter, entries, options)
         adapter.forwards = 0
-        Polysemanticity.revisit_all(accumulators, adapter.contexts, lambda _n: None)
+        revisit_accumulators(adapter, accumulators, adapter.contexts)
         union = torch.unique(torch.cat([a.examples.context[a.examples.context >= 0] for a in accumulators]
                                        + [a.null.result()[0] for a in accumulators]))
         return adapter.forwards, -(-union.numel() // 16), [pd.DataFrame(a.unit_values()) for a in accumulators]
@@ -544,7 +547,7 @@ def test_entries_at_one_hook_share_each_forward_of_the_re_run_and_grouping_chang
     alone = []
     for entry in entries:
         (accumulator,) = scored_accumulators(adapter, [entry], options)
-        accumulator.revisit(adapter.contexts)
+        revisit_accumulators(adapter, [accumulator], adapter.contexts)
         alone.append(pd.DataFrame(accumulator.unit_values()))
     monkeypatch.setattr("saebench_poly.metrics.polysemanticity.CACHE_BYTES", 1)
     grouped_forwards, _, grouped = revisited_together()

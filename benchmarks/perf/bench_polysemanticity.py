@@ -7,7 +7,7 @@ on the data and model of `bench_pass.py`:
 
 Prints tokens per second of each, the ratios to the bare pass, and where (c) spends its extra time: the selection
 of characteristic examples inside the scoring pass, and the stage after it (re-running the chosen contexts, the
-embeddings and the behaviour graphs, `Accumulator.revisit`), and the re-read of the stored examples' contexts
+embeddings and the behaviour graphs, `saebench_poly.activations.revisit`), and the re-read of the stored examples' contexts
 for their token windows (`saebench_poly.example_windows`). The first run in a process pays one-off warm-up costs,
 and a shared machine's speed drifts: (a), (b) and (c) take turns ``--repeats`` times, and the fastest of each counts.
 

@@ -217,7 +217,7 @@ def stage_seconds(prepared: Prepared, stage: str, board: Path) -> float:
     tokens = score(prepared.adapter, scored, prepared.batches)
 
     def post_pass() -> dict:
-        revisit(scored, contexts)
+        revisit(prepared.adapter, scored, contexts)
         return stored_examples(scored, contexts, prepared.adapter, DEFAULT_MEMBERS, lambda _n: None)
 
     if stage == "post-pass stage":

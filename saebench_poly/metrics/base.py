@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -18,13 +18,29 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from saebench_poly.models.base import Batch, ModelAdapter
+    from saebench_poly.models.base import Batch, ModelAdapter, UnitInputs
     from saebench_poly.sources.base import Entry
 
 Direction = Literal["higher", "lower", "neutral"]
 # Scored contexts looked up by index: ``contexts(indices)`` takes context indices as `EntryBatch.context` counts them
 # and yields (the indices of one batch, that batch), in increasing order (`saebench_poly.inputs.Inputs.scored_contexts`).
 ScoredContexts = Callable[[torch.Tensor], Iterator[tuple[torch.Tensor, "Batch"]]]
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """Rows of scored contexts that an accumulator asks the pass for after the scoring pass: h =
+    ``inputs.capture(batch, activations)`` (`saebench_poly.models.base.UnitInputs`) at each (``context[i]``,
+    ``position[i]``), int64 ``[R]`` each, ordered by context. The pass answers with h's rows ``[R, d_h]`` in that
+    order (`saebench_poly.activations.revisit`)."""
+
+    inputs: UnitInputs
+    context: torch.Tensor
+    position: torch.Tensor
+
+
+# What `Accumulator.after_pass` returns: a generator that yields one `RowRequest` per round and is sent the rows.
+AfterPass = Generator["RowRequest", torch.Tensor, None]
 
 
 @dataclass(frozen=True)
@@ -141,19 +157,13 @@ class Accumulator(ABC):
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self.transient}
 
-    def revisit(self, contexts: ScoredContexts) -> None:  # noqa: B027 - an optional step, not an abstract one
-        """Called once after the pass and before `compute`, for a family that must run chosen scored contexts
-        through the model again (the characteristic examples of `saebench_poly.metrics.polysemanticity`); nothing
-        by default."""
-
-    @classmethod
-    def revisit_all(cls, accumulators: Sequence[Accumulator], contexts: ScoredContexts,
-                    progress: Callable[[int], None]) -> None:
-        """`revisit` for every accumulator of this class in a run, so that a family can share its re-runs across
-        entries; by default one after the other. ``progress`` advances by one per accumulator."""
-        for accumulator in accumulators:
-            accumulator.revisit(contexts)
-            progress(1)
+    def after_pass(self, peers: int) -> AfterPass | None:
+        """For a family that needs rows of chosen scored contexts again after the pass (the characteristic examples
+        of `saebench_poly.metrics.polysemanticity`): a generator that yields a `RowRequest` per round and is sent
+        the rows it asked for, called once after the pass and before `compute`; None (the default) when it needs
+        none. ``peers``: how many accumulators of this class answer in the same rounds (to share a memory bound).
+        The pass runs the model; the accumulator only asks and computes."""
+        return None
 
     def unit_values(self) -> dict[str, torch.Tensor | Sequence[Any]]:
         """Per-unit columns ``[width]`` for the per-unit table (none by default): tensors, or sequences (numpy or

@@ -59,7 +59,6 @@ The default rule and setting were chosen on the known answers of `saebench_poly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -67,10 +66,10 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec, ScoredContexts
+from saebench_poly.metrics.base import Accumulator, AfterPass, EntryBatch, MetricSpec, RowRequest
 from saebench_poly.metrics.behaviours import AVERAGE_NULL, COMPONENTS, Behaviours, unit_behaviours
 from saebench_poly.metrics.examples import Examples, ExampleSelector, example_keys
-from saebench_poly.models.base import Batch, ModelAdapter, UnitInputs
+from saebench_poly.models.base import UnitInputs
 
 # The default rule and its one setting, chosen on the ground-truth cases of
 # `saebench_poly.metrics.polysemanticity_truth` (`python scripts/poly_ground_truth.py` prints them; the README has the
@@ -200,40 +199,28 @@ class Polysemanticity(Accumulator):
             self.selector.merge(other.selector)
             self.null.merge(other.null)
 
-    def revisit(self, contexts: ScoredContexts) -> None:
-        """Select the examples, re-run their contexts for the embeddings, and find the behaviours."""
-        self.revisit_all([self], contexts, lambda _n: None)
+    def after_pass(self, peers: int) -> AfterPass | None:
+        """Select the examples, ask the pass for the h rows of the examples and of the null tokens
+        (`saebench_poly.activations.revisit`), and find the behaviours. The rows are asked for a group of units at
+        a time, as many as fit `CACHE_BYTES` shared among the ``peers`` (one round of the pass each); the results do
+        not depend on how the units are grouped."""
+        if self.selector is None:
+            return None
+        return self._rounds(peers)
 
-    @classmethod
-    def revisit_all(cls, accumulators: Sequence[Polysemanticity], contexts: ScoredContexts,
-                    progress: Callable[[int], None]) -> None:
-        """Every entry's examples, embeddings and behaviours, with one re-run of the model for all entries: the h
-        rows of the examples (and of the null tokens) are cached for a group of units of each entry at a time
-        (`CACHE_BYTES` in all), each round of groups re-runs the union of their contexts once, and entries at one
-        hook share each forward (`ModelAdapter.sharing_activations`). The results do not depend on how the units are
-        grouped."""
-        active = [accumulator for accumulator in accumulators if accumulator.selector is not None]
-        progress(len(accumulators) - len(active))
-        plans = []
-        for accumulator in active:
-            accumulator.examples = accumulator.selector.result(accumulator.inputs.weight.device)
-            accumulator.behaviours = _no_behaviours(accumulator.examples, len(accumulator.cuts))
-            d_h = accumulator.inputs.weight.shape[1]
-            rows = max(accumulator.options.max_examples, CACHE_BYTES // (4 * d_h * len(active)))
-            plans.append(_unit_groups(accumulator.examples.count, rows))
-        for round_ in range(max((len(plan) for plan in plans), default=0)):
-            members = [(accumulator, plan[round_]) for accumulator, plan in zip(active, plans, strict=True)
-                       if round_ < len(plan)]
-            groups = [_ExampleRows(accumulator.examples, start, end, accumulator.null.result())
-                      for accumulator, (start, end) in members]
-            _fill(groups, [accumulator.inputs for accumulator, _ in members], contexts, members[0][0].adapter)
-            for (accumulator, (start, _)), group in zip(members, groups, strict=True):
-                _group_behaviours(accumulator.behaviours, start, group, accumulator.inputs, accumulator.options)
-        progress(len(active))
+    def _rounds(self, peers: int) -> AfterPass:
+        self.examples = self.selector.result(self.inputs.weight.device)
+        self.behaviours = _no_behaviours(self.examples, len(self.cuts))
+        d_h = self.inputs.weight.shape[1]
+        rows = max(self.options.max_examples, CACHE_BYTES // (4 * d_h * max(peers, 1)))
+        for start, end in _unit_groups(self.examples.count, rows):
+            group = _ExampleRows(self.examples, start, end, self.null.result())
+            group.cache = yield group.request(self.inputs)
+            _group_behaviours(self.behaviours, start, group, self.inputs, self.options)
 
     def _results(self) -> tuple[Examples, Behaviours]:
         if self.behaviours is None:
-            raise RuntimeError("Polysemanticity.revisit must run (after the pass) before its results are read")
+            raise RuntimeError("the pass after the scoring pass (saebench_poly.activations.revisit) must run before the results are read")
         return self.examples, self.behaviours
 
     def _weak(self, examples: Examples) -> torch.Tensor:
@@ -387,7 +374,7 @@ def _unit_groups(count: torch.Tensor, rows_per_group: int) -> list[tuple[int, in
 
 class _ExampleRows:
     """The h rows at every distinct (context, position) of the examples of units [start, end) and of the null
-    tokens, filled batch by batch from a re-run of their contexts; ``index`` ``[units, S]`` gives each example's row,
+    tokens (``cache``, the pass's answer to `request`); ``index`` ``[units, S]`` gives each example's row,
     ``null_index`` ``[m]`` each null token's."""
 
     def __init__(self, examples: Examples, start: int, end: int, null: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -402,49 +389,18 @@ class _ExampleRows:
         self.index = torch.zeros_like(context)
         self.index[self.valid] = inverse[:examples_here]
         self.null_index = inverse[examples_here:]
-        self.contexts = torch.unique(self.pairs // self.span)
         self.cache: torch.Tensor | None = None
-        self.filled = 0
 
-    def fill(self, indices: torch.Tensor, batch: Batch, inputs: UnitInputs) -> None:
-        """Store the rows of the contexts ``indices`` (increasing, a run of the union of every group's contexts),
-        whose ``batch`` ``inputs.capture`` turns into h ``[len(indices), positions, d_h]`` when a row is wanted."""
-        indices = indices.to(self.pairs.device)
-        lo = int(torch.searchsorted(self.pairs, indices[0] * self.span))
-        hi = int(torch.searchsorted(self.pairs, (indices[-1] + 1) * self.span))
-        if hi == lo:
-            return
-        here = self.pairs[lo:hi]
-        h = inputs.capture(batch)
-        rows = torch.searchsorted(indices, here // self.span).to(h.device)
-        if self.cache is None:
-            self.cache = torch.empty((self.pairs.numel(), h.shape[-1]), dtype=h.dtype, device=inputs.weight.device)
-        self.cache[lo:hi] = h[rows, (here % self.span).to(h.device)].to(self.cache.device)
-        self.filled += hi - lo
-
-    def rows(self) -> torch.Tensor:
-        if self.cache is None or self.filled != self.pairs.numel():
-            raise RuntimeError(f"the scored contexts gave {self.filled} of the {self.pairs.numel()} examples' inputs")
-        return self.cache
-
-
-def _fill(groups: list[_ExampleRows], inputs: list[UnitInputs], contexts: ScoredContexts, adapter: ModelAdapter) -> None:
-    """One run of the model over the union of the groups' contexts: each batch gets one forward for every hook that
-    the groups' inputs read (`UnitInputs.hook`), shared by the groups."""
-    union = torch.unique(torch.cat([group.contexts.cpu() for group in groups]))
-    hooks = sorted({unit_inputs.hook for unit_inputs in inputs if unit_inputs.hook is not None})
-    for indices, batch in contexts(union):
-        batch = batch.to(adapter.device)
-        with adapter.sharing_activations(batch, hooks):
-            for group, unit_inputs in zip(groups, inputs, strict=True):
-                group.fill(indices, batch, unit_inputs)
+    def request(self, inputs: UnitInputs) -> RowRequest:
+        """The rows to ask the pass for: every distinct (context, position), by context."""
+        return RowRequest(inputs=inputs, context=self.pairs // self.span, position=self.pairs % self.span)
 
 
 def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: UnitInputs,
                       options: PolysemanticityOptions) -> None:
     """The behaviours of a group's units, in chunks by increasing example count (`_chunks_by_count`), each cut to
     its largest count (the examples are packed to the left), so that latents with few examples cost little."""
-    cache = group.rows()
+    cache = group.cache
     count = group.valid.sum(dim=1)
     null = options.rule == AVERAGE_NULL
     m = group.null_index.numel() if null else 0

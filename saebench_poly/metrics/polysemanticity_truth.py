@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from saebench_poly.activations import revisit_accumulators
 from saebench_poly.metrics.base import EntryBatch
 from saebench_poly.metrics.polysemanticity import OK, Polysemanticity, PolysemanticityOptions
 from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, UnitInputs
@@ -89,7 +90,7 @@ def score(adapter: ModelAdapter, entries: Sequence[Entry], batches: Sequence[Bat
                 z = entry.encode(rows)
                 accumulator.update(EntryBatch(x=rows, z=z, x_hat=rows, context=context + contexts, position=position))
             contexts += batch.score_mask.shape[0]
-        Polysemanticity.revisit_all(accumulators, adapter.contexts, lambda _n: None)
+        revisit_accumulators(adapter, accumulators, adapter.contexts)
     return accumulators
 
 
@@ -316,7 +317,8 @@ class ExclusiveAdapter(SampleAdapter):
         if hook != "h":
             return None
         return UnitInputs(source="x", weight=self.weights, bias=torch.zeros(self.weights.shape[0]),
-                          capture=lambda batch: self.hook_activations(batch, HOOK), hook=HOOK)
+                          capture=lambda batch, activations=None: self.hook_activations(batch, HOOK, activations),
+                          hook=HOOK)
 
 
 def exclusive_case(num_features: int = 512, neurons: int = 64, samples: int = 40_000,
@@ -339,7 +341,7 @@ def exclusive_case(num_features: int = 512, neurons: int = 64, samples: int = 40
         context = torch.arange(contexts, contexts + z.shape[0])
         accumulators.update(EntryBatch(x=z, z=z, x_hat=z, context=context, position=torch.zeros_like(context)))
         contexts += z.shape[0]
-    Polysemanticity.revisit_all([accumulators], adapter.contexts, lambda _n: None)
+    revisit_accumulators(adapter, [accumulators], adapter.contexts)
     truth = dominant_truth(accumulators, features, torch.eye(num_features), share=0)
     return EntryScore("exclusive", entry.name, _frame(accumulators, truth), accumulators.compute())
 
@@ -369,7 +371,7 @@ def incidental_case(n: int = 32, m: int = 64, instances: int = 8, repeats: int =
         for chunk in torch.unique(indices.cpu()).split(256):
             yield chunk, Batch(chunk.unsqueeze(1), torch.ones(len(chunk), 1, dtype=torch.bool))
 
-    Polysemanticity.revisit_all([accumulator], contexts, lambda _n: None)
+    revisit_accumulators(adapter, [accumulator], contexts)
     block = adapter.true_feature_weights(hook)
     counts = features_per_neuron(block).numpy()
     frame = _frame(accumulator, (counts, np.where(counts > 0, 1.0, np.nan)))

@@ -8,8 +8,7 @@ activations replaced (for the downstream cost of a reconstruction).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,20 +70,22 @@ def special_token_ids(*holders: Any) -> set[int]:
 class UnitInputs:
     """The linear map that computes the pre-activations of a set of units (Foote 2024's neuron embeddings use it):
 
-        pre[b, t, u] = capture(batch)[b, t, :] @ weight[u] + bias[u]
+        pre[b, t, u] = capture(batch, activations)[b, t, :] @ weight[u] + bias[u]
 
-    ``capture`` runs the model on a batch and returns h ``[batch, positions, d_h]``, the exact tensor that the units'
-    input weights multiply; ``weight`` is ``[width, d_h]`` and ``bias`` ``[width]``. ``source`` names h in words (for
-    example ``blocks.0.ln2.hook_normalized``), for the docs and error messages. ``hook``: the hook whose
-    activations ``capture`` reads through `ModelAdapter.hook_activations` (so that one forward can serve several
-    units' inputs), or None when it runs the model its own way or not at all. ``signed``: the units are the
+    ``capture`` returns h ``[batch, positions, d_h]`` of a batch, the exact tensor that the units' input weights
+    multiply; ``weight`` is ``[width, d_h]`` and ``bias`` ``[width]``. ``source`` names h in words (for example
+    ``blocks.0.ln2.hook_normalized``), for the docs and error messages. ``hook``: the hook whose activations
+    ``capture`` reads (`ModelAdapter.hook_activations`): from ``activations`` (hook -> ``[batch, positions, width]``)
+    when the caller passes the batch's forward there, so that one forward serves several units' inputs (the pass after
+    the scoring pass does), else from a forward of its own; None when ``capture`` runs the model its own way or not
+    at all (it then ignores ``activations``). ``signed``: the units are the
     pre-activations themselves (no nonlinearity follows, as in Lecomte et al.'s linear hidden layer), so both signs
     are activity and they are read on both sides, as PCA directions are."""
 
     source: str
     weight: torch.Tensor
     bias: torch.Tensor
-    capture: Callable[[Batch], torch.Tensor]
+    capture: Callable[..., torch.Tensor]
     hook: str | None = None
     signed: bool = False
 
@@ -98,7 +99,6 @@ class ModelAdapter(ABC):
     bos_token_id: int | None = None
     family: str = "unknown"
     supports_downstream: bool = False
-    _shared_activations: dict[str, torch.Tensor] | None = None
 
     @abstractmethod
     def hook_names(self) -> list[str]:
@@ -109,25 +109,12 @@ class ModelAdapter(ABC):
         ``bos_token_id``): what a spec's ``ignore_tokens = "special"`` leaves unscored."""
         return special_token_ids(getattr(self, "tokenizer", None)) | ({self.bos_token_id} - {None})
 
-    def hook_activations(self, batch: Batch, hook: str) -> torch.Tensor:
-        """``forward(batch, [hook], logits=False).activations[hook]``, run once per hook inside `sharing_activations`."""
-        shared = self._shared_activations
-        if shared is not None and hook in shared:
-            return shared[hook]
-        activations = self.forward(batch, [hook], logits=False).activations[hook]
-        if shared is not None:
-            shared[hook] = activations
-        return activations
-
-    @contextmanager
-    def sharing_activations(self, batch: Batch, hooks: Sequence[str] = ()) -> Iterator[None]:
-        """A block about one batch, in which every caller of `hook_activations` gets the same forward's result; the
-        activations at ``hooks`` come from one forward at the start."""
-        self._shared_activations = dict(self.forward(batch, list(hooks), logits=False).activations) if hooks else {}
-        try:
-            yield
-        finally:
-            self._shared_activations = None
+    def hook_activations(self, batch: Batch, hook: str, activations: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``activations[hook]`` when the caller already ran ``batch`` (the forward it hands over), else
+        ``forward(batch, [hook], logits=False).activations[hook]``."""
+        if activations is not None and hook in activations:
+            return activations[hook]
+        return self.forward(batch, [hook], logits=False).activations[hook]
 
     @abstractmethod
     def hook_width(self, hook: str) -> int:

@@ -232,7 +232,7 @@ class HFModelAdapter(ModelAdapter):
             def transform(h: torch.Tensor) -> torch.Tensor:
                 return nn.functional.layer_norm(h, norm.normalized_shape, None, None, norm.eps)
 
-        def capture(batch: Batch) -> torch.Tensor:
+        def capture(batch: Batch, activations: object = None) -> torch.Tensor:  # reads no hook
             store: dict[str, torch.Tensor] = {}
 
             def read_input(module: nn.Module, args: Any, kwargs: Any) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -248,8 +248,8 @@ class HookedTransformerAdapter(ModelAdapter):
         else:
             source = f"blocks.{layer}.hook_resid_{'pre' if cfg.parallel_attn_mlp else 'mid'}"
 
-        def capture(batch: Batch) -> torch.Tensor:
-            return self.hook_activations(batch.to(self.device), source)
+        def capture(batch: Batch, activations: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+            return self.hook_activations(batch.to(self.device), source, activations)
 
         return UnitInputs(source=source, weight=matrix.T.contiguous(), bias=bias, capture=capture, hook=source)
 

@@ -177,7 +177,7 @@ class IncidentalAdapter(ModelAdapter):
         so signed (a feature with W_ik < 0 is as much on neuron k as one with W_ik > 0)."""
         weights = self._weights(hook)
 
-        def capture(batch: Batch) -> torch.Tensor:
+        def capture(batch: Batch, activations: object = None) -> torch.Tensor:  # reads no hook
             index = batch.inputs[:, 0].to(weights.device) % weights.shape[0]
             return torch.nn.functional.one_hot(index, weights.shape[0]).to(weights.dtype).unsqueeze(1)
 

@@ -223,7 +223,7 @@ class ToyModelAdapter(ModelAdapter):
         self.hook_width(hook)
         weight = self.model.W.detach()
 
-        def capture(batch: Batch) -> torch.Tensor:
+        def capture(batch: Batch, activations: object = None) -> torch.Tensor:  # reads no hook
             return batch.inputs.to(device=weight.device, dtype=weight.dtype).unsqueeze(1)
 
         return UnitInputs(source="the toy model's input features", weight=weight, bias=torch.zeros_like(weight[:, 0]),

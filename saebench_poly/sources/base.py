@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,8 @@ class Entry(ABC):
         input weights of their own. An entry of another package overrides this to get embeddings."""
         return None
 
-    def _hook_activations(self, adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
-        return adapter.hook_activations(batch, self.hook)
+    def _hook_activations(self, adapter: ModelAdapter, batch: Batch, activations: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        return adapter.hook_activations(batch, self.hook, activations)
 
     def describe(self) -> dict[str, Any]:
         return {"entry": self.name, "source_uri": self.uri, "entry_kind": self.kind, "hook": self.hook,
@@ -199,9 +200,9 @@ class SAEEntry(Entry):
             norms = sae.W_dec.detach().norm(dim=-1)
             weight, bias = weight * norms[:, None], bias * norms
 
-        def capture(batch: Batch) -> torch.Tensor:
+        def capture(batch: Batch, activations: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
             with torch.no_grad():
-                return sae.process_sae_in(self._hook_activations(adapter, batch))
+                return sae.process_sae_in(self._hook_activations(adapter, batch, activations))
 
         return UnitInputs(source=f"sae.process_sae_in({self.hook})", weight=weight, bias=bias, capture=capture,
                           hook=self.hook)
@@ -276,8 +277,8 @@ class BasisEntry(Entry):
         """h = x - centre (x for a basis without centre), w_u = the basis vector, b_u = 0."""
         center = self.center
 
-        def capture(batch: Batch) -> torch.Tensor:
-            x = self._hook_activations(adapter, batch)
+        def capture(batch: Batch, activations: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+            x = self._hook_activations(adapter, batch, activations)
             return x if center is None else x - center
 
         return UnitInputs(source=self.hook if center is None else f"{self.hook} - centre", weight=self.basis,
