@@ -161,7 +161,8 @@ class Accumulator(ABC):
         """For a family that needs rows of chosen scored contexts again after the pass (the characteristic examples
         of `saebench_poly.metrics.polysemanticity`): a generator that yields a `RowRequest` per round and is sent
         the rows it asked for, called once after the pass and before `compute`; None (the default) when it needs
-        none. ``peers``: how many accumulators of this class answer in the same rounds (to share a memory bound).
+        none. ``peers``: how many accumulators of this class the run holds (those that ask answer in the same rounds
+        and share a memory bound; counting every one keeps the bound safe).
         The pass runs the model; the accumulator only asks and computes."""
         return None
 
