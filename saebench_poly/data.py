@@ -278,12 +278,14 @@ class TokenDataset:
 
 
 def token_batches(
-    dataset: TokenDataset, n_contexts: int, batch_size: int, skip_contexts: int = 0, ignored_ids: Iterable[int] = ()
+    dataset: TokenDataset, n_contexts: int | None, batch_size: int, skip_contexts: int = 0,
+    ignored_ids: Iterable[int] = (),
 ) -> Iterator[Batch]:
     """Contexts ``skip_contexts .. skip_contexts + n_contexts`` of ``dataset`` in batches of ``batch_size`` (the
-    last one may be smaller). The concatenated batches do not depend on ``batch_size``. ``score_mask`` is False at
-    position 0 when the dataset prepends BOS and wherever a token id is in ``ignored_ids``, True elsewhere."""
-    if n_contexts < 1 or batch_size < 1 or skip_contexts < 0:
+    last one may be smaller); ``n_contexts = None``: every context from ``skip_contexts`` to the end of the data.
+    The concatenated batches do not depend on ``batch_size``. ``score_mask`` is False at position 0 when the dataset
+    prepends BOS and wherever a token id is in ``ignored_ids``, True elsewhere."""
+    if (n_contexts is not None and n_contexts < 1) or batch_size < 1 or skip_contexts < 0:
         raise UserError(
             f"need n_contexts >= 1, batch_size >= 1 and skip_contexts >= 0; got {n_contexts}, {batch_size}, "
             f"{skip_contexts}"
@@ -291,10 +293,12 @@ def token_batches(
     ignored = torch.tensor(sorted(set(ignored_ids)), dtype=torch.int64)
     contexts = islice(dataset.contexts(), skip_contexts, None)
     taken = 0
-    while taken < n_contexts:
-        wanted = min(batch_size, n_contexts - taken)
+    while n_contexts is None or taken < n_contexts:
+        wanted = batch_size if n_contexts is None else min(batch_size, n_contexts - taken)
         rows = list(islice(contexts, wanted))
-        if len(rows) < wanted:
+        if n_contexts is None and not rows:
+            return
+        if len(rows) < wanted and n_contexts is not None:
             raise UserError(
                 f"dataset {dataset.dataset_id} holds only {skip_contexts + taken + len(rows)} contexts of "
                 f"{dataset.context_size} tokens ({skip_contexts} skipped + {n_contexts} asked for); "

@@ -130,9 +130,11 @@ class Inputs:
         if self.synthetic:
             batches = self.adapter.synthetic_batches(samples + batch_size, batch_size, self.spec.seed + SYNTHETIC_SEED_OFFSETS["train"])
         else:
+            # read on to the end of the data: the ignored tokens (document separators) in the contexts are not
+            # samples, so how many contexts hold ``samples`` is known only once they are read
             skip = self._contexts(self.spec.fit_tokens) + self._contexts(self.spec.tokens)
-            batches = token_batches(self.dataset, self._contexts(samples + batch_size), self.spec.batch_size,
-                                    skip_contexts=skip, ignored_ids=self.ignored_token_ids)
+            batches = token_batches(self.dataset, None, self.spec.batch_size, skip_contexts=skip,
+                                    ignored_ids=self.ignored_token_ids)
         return _rebatched(self.adapter, batches, hook, batch_size)
 
     def describe(self) -> dict[str, str]:

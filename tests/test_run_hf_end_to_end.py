@@ -109,3 +109,36 @@ path = "ids.parquet"
     units = pd.read_parquet(tmp_path / "board.units.parquet")
     assert set(units.loc[units["entry"] == "neurons:encoder.layer.0.intermediate", "poly_status"]) - {"no_embedding"}
     assert rows.iloc[0]["tokens_scored"] == 20 * 10
+
+
+def test_an_sae_trained_on_text_gets_all_its_samples_though_separators_are_not_samples(gpt2_folder, run_cli, tmp_path: Path) -> None:
+    # one EOS in every 28 tokens is ignored: the train slice must read on past the contexts its sample count fills
+    (tmp_path / "docs.txt").write_text("".join(f"the {c}{c} cat sat on a mat, {c}.\n" for c in string.ascii_lowercase * 6))
+    spec = write_spec(tmp_path / "train.toml", f'''
+name = "tiny-gpt2-train"
+tokens = 300
+fit_tokens = 100
+context_size = 16
+device = "cpu"
+hooks = ["transformer.h.1.mlp.act"]
+baselines = ["neurons"]
+metrics = ["l0"]
+output = "board.parquet"
+[[train]]
+name = "sae"
+architecture = "topk"
+d_sae = 16
+k = 2
+training_samples = 2000
+batch_size = 20
+lr = 1e-3
+[model]
+loader = "hf"
+name = "{gpt2_folder}"
+[dataset]
+kind = "text"
+path = "docs.txt"
+''')
+    code, out, err = run_cli("run", str(spec))
+    assert code == 0, err
+    assert pd.read_parquet(tmp_path / "board.parquet").set_index("entry").loc["sae", "value"] == pytest.approx(2)
