@@ -5,20 +5,19 @@ An entry reads its hook and reconstructs its output hook (the same hook, except 
 against the output hook's activations). Downstream statistics need the model re-run with the output hook's
 activations replaced: once per hook for the zero-ablation and once per entry for its reconstruction (from the hook's
 block onwards where the adapter can).
-After the pass, `revisit` re-runs the model once over the few scored contexts that the accumulators ask rows of
-(`Accumulator.after_pass`: the characteristic examples of the polysemanticity family), and hands each accumulator
-its rows; the accumulators never run the model themselves.
+After the pass, `saebench_poly.revisit` re-runs the model over the few scored contexts that the accumulators ask rows
+of.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from saebench_poly.errors import UserError
-from saebench_poly.metrics.base import Accumulator, AfterPass, DownstreamBatch, EntryBatch, RowRequest, ScoredContexts
+from saebench_poly.metrics.base import Accumulator, DownstreamBatch, EntryBatch
 from saebench_poly.metrics.downstream import cross_entropy, kl_divergence, next_token_log_probs
 from saebench_poly.metrics.moments import Moments
 from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter
@@ -95,71 +94,6 @@ def score(adapter: ModelAdapter, scored: list[ScoredEntry], batches: Iterable[Ba
             if progress:
                 progress(scored_here)
     return tokens
-
-
-def revisit(adapter: ModelAdapter, scored: list[ScoredEntry], contexts: ScoredContexts,
-            progress: Progress | None = None) -> None:
-    """`revisit_accumulators` for every accumulator of the run; ``progress`` advances by one per accumulator."""
-    revisit_accumulators(adapter, [a for item in scored for a in item.accumulators], contexts, progress)
-
-
-def revisit_accumulators(adapter: ModelAdapter, accumulators: Sequence[Accumulator], contexts: ScoredContexts,
-                         progress: Progress | None = None) -> None:
-    """After the pass, the rows the accumulators ask for (`Accumulator.after_pass`), in rounds: each round takes
-    one request of every accumulator still asking and runs the model once over the union of their contexts
-    (`read_rows`); the accumulators' generators compute between rounds. One round when every request fits at once
-    (the polysemanticity family's `CACHE_BYTES`). ``progress`` advances by one per accumulator."""
-    peers: dict[type, int] = {}
-    for accumulator in accumulators:
-        peers[type(accumulator)] = peers.get(type(accumulator), 0) + 1
-    asking: list[tuple[AfterPass, RowRequest]] = []
-    with torch.no_grad():
-        for accumulator in accumulators:
-            rounds = accumulator.after_pass(peers[type(accumulator)])
-            request = next(rounds, None) if rounds is not None else None
-            if request is None and progress:
-                progress(1)
-            if request is not None:
-                asking.append((rounds, request))
-        while asking:
-            answers = read_rows(adapter, [request for _, request in asking], contexts)
-            still = []
-            for (rounds, _), rows in zip(asking, answers, strict=True):
-                try:
-                    still.append((rounds, rounds.send(rows)))
-                except StopIteration:
-                    if progress:
-                        progress(1)
-            asking = still
-
-
-def read_rows(adapter: ModelAdapter, requests: Sequence[RowRequest], contexts: ScoredContexts) -> list[torch.Tensor]:
-    """Each request's rows ``[R, d_h]``, from one run of the model over the union of their contexts: each batch is
-    one forward for every hook that the requests' inputs read (`UnitInputs.hook`), whose activations every request
-    at that hook shares (handed to `UnitInputs.capture`)."""
-    union = torch.unique(torch.cat([request.context.cpu() for request in requests]))
-    hooks = sorted({request.inputs.hook for request in requests if request.inputs.hook is not None})
-    out: list[torch.Tensor | None] = [None] * len(requests)
-    filled = [0] * len(requests)
-    for indices, batch in contexts(union):
-        batch = batch.to(adapter.device)
-        activations = adapter.forward(batch, hooks, logits=False).activations if hooks else {}
-        for i, request in enumerate(requests):
-            wanted = request.context.to(indices.device)
-            lo = int(torch.searchsorted(wanted, indices[0]))
-            hi = int(torch.searchsorted(wanted, indices[-1], right=True))
-            if hi == lo:
-                continue
-            h = request.inputs.capture(batch, activations)
-            local = torch.searchsorted(indices, wanted[lo:hi]).to(h.device)
-            if out[i] is None:
-                out[i] = torch.empty((wanted.numel(), h.shape[-1]), dtype=h.dtype, device=request.inputs.weight.device)
-            out[i][lo:hi] = h[local, request.position[lo:hi].to(h.device)].to(out[i].device)
-            filled[i] += hi - lo
-    for request, rows, count in zip(requests, out, filled, strict=True):
-        if count != request.context.numel():
-            raise RuntimeError(f"the scored contexts gave {count} of the {request.context.numel()} rows asked for")
-    return out
 
 
 class _DownstreamPass:

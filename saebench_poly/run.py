@@ -25,24 +25,28 @@ import pandas as pd
 import torch
 
 from saebench_poly import checkpoint, leaderboard
-from saebench_poly.activations import ScoredEntry, fit_baselines, revisit, score
+from saebench_poly.activations import ScoredEntry, fit_baselines, score
 from saebench_poly.errors import UserError
 from saebench_poly.example_windows import stored_examples
 from saebench_poly.inputs import Inputs
 from saebench_poly.metrics import build_accumulator, resolve_metric_options, resolve_metrics
+from saebench_poly.metrics.base import ExampleWindows
 from saebench_poly.models import MODEL_LOADERS, ModelAdapter
 from saebench_poly.models.hooked import normalized_kwargs
 from saebench_poly.provenance import git_commit, package_versions
+from saebench_poly.revisit import revisit
 from saebench_poly.sources import Entry, SAEEntry, SourceContext, load_entry
 from saebench_poly.sources.sae_lens_sources import recorded_model_kwargs
 from saebench_poly.spec import SYNTHETIC_LOADERS, BenchmarkSpec, LoadedSpec, TrainedSAESpec
-from saebench_poly.stored_examples import DEFAULT_MEMBERS
+from saebench_poly.stored_examples import DEFAULT_MEMBERS, WINDOW_AFTER, WINDOW_BEFORE
 from saebench_poly.threads import single_thread
 from saebench_poly.training import train_sae
 from saebench_poly.usertext import check_entry_name
 
 TRAINING_RECORD = "training.json"
-# The reporter task of the stored examples' re-run (benchmarks/perf/bench_polysemanticity.py times it by this name).
+# The reporter tasks of the stage after the pass: the one run of the model over the selected contexts (the examples'
+# rows and the stored examples' windows), then the stored examples' rows (benchmarks/perf/ time them by these names).
+CHARACTERISTIC_EXAMPLES_TASK = "characteristic examples"
 STORED_EXAMPLES_TASK = "stored examples"
 
 
@@ -176,12 +180,14 @@ def _run_benchmark(loaded: LoadedSpec, reporter: Reporter | None, write: bool, e
         tokens = _score_here(prepared, reporter, checkpoint_every, resume)
     else:
         tokens = executor.score(prepared, reporter)
-    with reporter.task("characteristic examples", sum(len(item.accumulators) for item in scored)) as advance:
-        revisit(adapter, scored, inputs.scored_contexts, advance)
-    with reporter.task(STORED_EXAMPLES_TASK, None) as advance:
-        windows = stored_examples(scored, inputs.scored_contexts, adapter, examples, advance)
+    windows = ExampleWindows(members=examples, before=WINDOW_BEFORE, after=WINDOW_AFTER)
+    with reporter.task(CHARACTERISTIC_EXAMPLES_TASK, sum(len(item.accumulators) for item in scored)) as advance:
+        revisit(adapter, scored, inputs.scored_contexts, advance, windows)
+    with reporter.task(STORED_EXAMPLES_TASK, None):
+        stored_windows = stored_examples(scored, adapter)
 
-    rows, units, stored = _records(loaded, adapter, inputs, scored, prepared.metrics, tokens, prepared.device, windows)
+    rows, units, stored = _records(loaded, adapter, inputs, scored, prepared.metrics, tokens, prepared.device,
+                                   stored_windows)
     output = loaded.output_path
     if write:
         leaderboard.replace_spec_rows(output, loaded.spec.name, rows, units, settings=loaded.spec.settings(), examples=stored)

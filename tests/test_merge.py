@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from saebench_poly.activations import revisit, score
+from saebench_poly.activations import score
 from saebench_poly.metrics import ACCUMULATORS
+from saebench_poly.revisit import revisit
 from saebench_poly.run import prepare_run
 from saebench_poly.spec import load_spec
 from saebench_poly.testing import saebench_toy_sae, saebench_toy_spec  # noqa: F401 - fixtures, registered by being imported here

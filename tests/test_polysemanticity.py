@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 
-from saebench_poly.activations import revisit_accumulators
 from saebench_poly.inputs import Inputs
 from saebench_poly.metrics import EntryBatch
 from saebench_poly.metrics.behaviours import connected_components, cosine_similarities, unit_behaviours
@@ -21,6 +20,7 @@ from saebench_poly.metrics.polysemanticity import Polysemanticity, Polysemantici
 from saebench_poly.models import Batch, ModelConfig
 from saebench_poly.models.base import ForwardOutput, ModelAdapter, UnitInputs
 from saebench_poly.models.hooked import HookedTransformerAdapter, load_hooked_transformer
+from saebench_poly.revisit import revisit_accumulators
 from saebench_poly.run import run_benchmark
 from saebench_poly.sources import SourceContext, load_entry
 from saebench_poly.sources.base import BasisEntry
@@ -370,11 +370,11 @@ def test_the_re_run_gives_each_batch_one_forward_for_every_hook_and_entry(tl_spe
     ln2 of its block): every batch of the re-run after the pass is one forward of the transformer-lens model."""
     from transformer_lens import HookedTransformer
 
-    import saebench_poly.activations as activations
+    import saebench_poly.revisit as revisit
 
     write_sae(tmp_path / "resid-sae", "standard", D_MODEL, 24, RESID)
     counts = {"batches": 0, "forwards": 0, "rounds": 0}
-    read, forward = activations.read_rows, HookedTransformer.run_with_cache
+    read, forward = revisit.read_rows, HookedTransformer.run_with_cache
 
     def counted_read(adapter, requests, contexts):
         def counted_contexts(indices):
@@ -390,7 +390,7 @@ def test_the_re_run_gives_each_batch_one_forward_for_every_hook_and_entry(tl_spe
         counts["forwards"] += bool(counts.get("filling"))
         return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(activations, "read_rows", counted_read)
+    monkeypatch.setattr(revisit, "read_rows", counted_read)
     monkeypatch.setattr(HookedTransformer, "run_with_cache", counted_forward)
     result = run_benchmark(load_spec(tl_spec(entries=["disk:resid-sae"], tokens=300)), write=False)
     assert {"resid-sae", f"pca:{RESID}", f"random:{RESID}", "neurons:blocks.0.mlp.hook_post"} <= set(result.units["entry"])
@@ -522,6 +522,36 @@ def test_chunking_and_cutting_chunks_to_their_largest_count_change_nothing(monke
     single, _ = behaviours_of(data, basis)
     assert whole["n_examples"].max() == 100 and whole["n_examples"].min() == 0 and whole["n_examples"].nunique() > 3
     pd.testing.assert_frame_equal(whole, single)
+
+
+def test_entries_at_one_hook_share_one_store_of_its_rows(monkeypatch) -> None:
+    """The re-run stores the hook's activations once per distinct (context, position) that any entry at the hook
+    asks for, not once per entry: three bases at one hook hold one store, of the union of their rows."""
+    import saebench_poly.revisit as revisit
+
+    data = pattern_data([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0], [0, 1, 0, 1]], contexts=200)
+    adapter = PatternAdapter(data)
+    entries = [BasisEntry(name=f"random{seed}", uri=f"test:random{seed}", kind="random", hook="x",
+                          basis=torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)))[0],
+                          center=torch.full((4,), 0.1 * seed))
+               for seed in range(3)]
+    answers, read = [], revisit.read_rows
+
+    def kept(adapter, requests, contexts):
+        rows = read(adapter, requests, contexts)
+        answers.append((requests, rows))
+        return rows
+
+    monkeypatch.setattr(revisit, "read_rows", kept)
+    accumulators = scored_accumulators(adapter, entries, PolysemanticityOptions(max_examples=50))
+    revisit_accumulators(adapter, accumulators, adapter.contexts)
+    [(requests, rows)] = answers
+    assert len({id(answer.store) for answer in rows}) == 1
+    pairs = {(int(c), int(p)) for request in requests for c, p in zip(request.context, request.position, strict=True)}
+    assert rows[0].store.shape == (len(pairs), 4) and len(pairs) < sum(r.context.numel() for r in requests)
+    for request, answer, entry in zip(requests, rows, entries, strict=True):
+        expected = data[request.context, request.position] - entry.center  # h = x - centre
+        assert torch.equal(answer.take(torch.arange(request.context.numel())), expected)
 
 
 def test_entries_at_one_hook_share_each_forward_of_the_re_run_and_grouping_changes_nothing(monkeypatch) -> None:

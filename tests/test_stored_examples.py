@@ -147,3 +147,34 @@ def test_submitted_entries_bring_their_stored_examples(tl_spec, tmp_path: Path) 
     scored = read_table(examples_path(results), EXAMPLES_SCHEMA)
     assert len(submitted) == (scored["entry"] == "other-topk").sum() > 0 and set(submitted["unit"]) <= set(range(32))
     assert "resid-topk" in set(stored["entry"])
+
+
+def test_after_the_pass_the_model_runs_once_over_each_context_for_the_rows_and_the_windows(tl_spec, tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """The stage after the pass reads the examples' rows and the stored examples' windows in one run of the model:
+    every context it reads again is read once, and each of its batches is one forward of the model."""
+    from transformer_lens import HookedTransformer
+
+    from saebench_poly.inputs import Inputs
+
+    visited: list[int] = []
+    counts = {"batches": 0, "forwards": 0}
+    contexts, forward = Inputs.scored_contexts, HookedTransformer.run_with_cache
+
+    def counted_contexts(self, indices, batch_size=None):
+        for index, batch in contexts(self, indices, batch_size):
+            counts["batches"] += 1
+            visited.extend(index.tolist())
+            yield index, batch
+
+    def counted_forward(self, *args, **kwargs):
+        counts["forwards"] += bool(visited)  # only after the pass, once the stage has read a context
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Inputs, "scored_contexts", counted_contexts)
+    monkeypatch.setattr(HookedTransformer, "run_with_cache", counted_forward)
+    _, board = tiny_run(tl_spec, tmp_path)
+    examples = read_table(examples_path(board), EXAMPLES_SCHEMA)
+    assert {"resid-topk", f"neurons:{NEURONS}", f"pca:{RESID}", f"random:{RESID}"} <= set(examples["entry"])
+    assert len(visited) == len(set(visited)) and set(examples["context"]) <= set(visited)
+    assert counts["batches"] > 0 and counts["forwards"] == counts["batches"]

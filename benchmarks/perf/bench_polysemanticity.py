@@ -6,9 +6,9 @@ on the data and model of `bench_pass.py`:
 (c) the full `run` with every metric.
 
 Prints tokens per second of each, the ratios to the bare pass, and where (c) spends its extra time: the selection
-of characteristic examples inside the scoring pass, and the stage after it (re-running the chosen contexts, the
-embeddings and the behaviour graphs, `saebench_poly.activations.revisit`), and the re-read of the stored examples' contexts
-for their token windows (`saebench_poly.example_windows`). The first run in a process pays one-off warm-up costs,
+of characteristic examples inside the scoring pass, the stage after it (re-running the chosen contexts once for the
+examples' rows and the stored examples' token windows, the embeddings and the behaviour graphs,
+`saebench_poly.revisit`), and the stored examples' rows built from those windows (`saebench_poly.example_windows`). The first run in a process pays one-off warm-up costs,
 and a shared machine's speed drifts: (a), (b) and (c) take turns ``--repeats`` times, and the fastest of each counts.
 
     python benchmarks/perf/bench_polysemanticity.py [--device cpu|cuda] [--tokens N] [--d-model D] [--d-sae M]
@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pass import bare_pass, benchmark_arguments, build_inputs, timed  # noqa: E402
 
+from saebench_poly.run import CHARACTERISTIC_EXAMPLES_TASK as STAGE  # noqa: E402
 from saebench_poly.run import STORED_EXAMPLES_TASK  # noqa: E402
 
 FAMILY = "polysemanticity"
-STAGE = "characteristic examples"
 
 
 class TimingReporter:
@@ -91,9 +91,10 @@ def main() -> None:
     selection = with_["scoring"] - without["scoring"]
     print(f"polysemanticity adds {with_seconds - without_seconds:.2f} s = {(with_seconds - without_seconds) / bare_seconds:.2f}x "
           f"the bare pass: selection in the scoring pass {selection:.2f} s ({selection / bare_seconds:.2f}x), "
-          f"embeddings and behaviours after it {with_[STAGE]:.2f} s ({with_[STAGE] / bare_seconds:.2f}x)")
+          f"embeddings, behaviours and the stored examples' windows after it (one re-run of the selected contexts) "
+          f"{with_[STAGE]:.2f} s ({with_[STAGE] / bare_seconds:.2f}x)")
     stored = with_[STORED_EXAMPLES_TASK]
-    print(f"the stored examples' windows (their contexts read again and encoded) {stored:.2f} s ({stored / bare_seconds:.2f}x)")
+    print(f"the stored examples' rows (from the windows the re-run read) {stored:.2f} s ({stored / bare_seconds:.2f}x)")
 
 
 if __name__ == "__main__":

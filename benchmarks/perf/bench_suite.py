@@ -15,7 +15,7 @@ For each case, on the entries a run scores (the SAEs and the baselines it adds; 
 - bare pass: the model forward with the hooks cached, plus every entry's encode and decode (the
   `saebench_poly.activations.score` loop with no accumulator); "SAEs only" also drops the baselines;
 - each metric family alone: the same pass feeding that family's accumulators, then their `compute`;
-- the post-pass stage (`saebench_poly.activations.revisit`, after the polysemanticity selection) and the
+- the post-pass stage (`saebench_poly.revisit.revisit`, after the polysemanticity selection) and the
   Parquet write (records and `leaderboard.replace_spec_rows`), each added to the bare pass;
 - the full suite: `run_benchmark` end to end as the CLI runs it (model and entry loading, PCA fit, the pass with
   every metric, the post-pass stage, the write), with and without the downstream splices.
@@ -200,16 +200,19 @@ def necessary_forwards_seconds(prepared: Prepared) -> float:
 
 
 def stage_seconds(prepared: Prepared, stage: str, board: Path) -> float:
-    """Seconds of the post-pass stage (after a pass with the polysemanticity selection: the characteristic examples'
-    re-run and behaviours, then the stored examples' windows) or of the Parquet write (after a pass with every
+    """Seconds of the post-pass stage (after a pass with the polysemanticity selection: the one re-run of the
+    characteristic examples' contexts, with the stored examples' windows, the behaviours, then the stored examples'
+    rows) or of the Parquet write (after a pass with every
     metric, the post-pass stage and the records built from them, whose `compute` calls belong to the families):
     the stage alone, not what comes before it."""
     from saebench_poly import leaderboard
-    from saebench_poly.activations import revisit, score
+    from saebench_poly.activations import score
     from saebench_poly.example_windows import stored_examples
     from saebench_poly.metrics import ACCUMULATORS, resolve_metrics
+    from saebench_poly.metrics.base import ExampleWindows
+    from saebench_poly.revisit import revisit
     from saebench_poly.run import _records
-    from saebench_poly.stored_examples import DEFAULT_MEMBERS
+    from saebench_poly.stored_examples import DEFAULT_MEMBERS, WINDOW_AFTER, WINDOW_BEFORE
 
     contexts = prepared.inputs.scored_contexts
     families = FAMILIES["polysemanticity selection"] if stage == "post-pass stage" else tuple(ACCUMULATORS.names())
@@ -217,8 +220,9 @@ def stage_seconds(prepared: Prepared, stage: str, board: Path) -> float:
     tokens = score(prepared.adapter, scored, prepared.batches)
 
     def post_pass() -> dict:
-        revisit(prepared.adapter, scored, contexts)
-        return stored_examples(scored, contexts, prepared.adapter, DEFAULT_MEMBERS, lambda _n: None)
+        revisit(prepared.adapter, scored, contexts,
+                windows=ExampleWindows(members=DEFAULT_MEMBERS, before=WINDOW_BEFORE, after=WINDOW_AFTER))
+        return stored_examples(scored, prepared.adapter)
 
     if stage == "post-pass stage":
         return _timed_seconds(post_pass)

@@ -28,19 +28,118 @@ ScoredContexts = Callable[[torch.Tensor], Iterator[tuple[torch.Tensor, "Batch"]]
 
 
 @dataclass(frozen=True)
+class WindowRequest:
+    """Code windows of some examples, read in the run of the model that reads a `RowRequest`'s rows: for row i,
+    unit ``unit[i]``'s code z (``entry.encode`` of the activations at ``entry.hook``) on the tokens ``position[i] -
+    before`` to ``position[i] + after`` of context ``context[i]``, clipped at the context's edges (int64 ``[R]``
+    each, in any order)."""
+
+    entry: Entry
+    unit: torch.Tensor
+    context: torch.Tensor
+    position: torch.Tensor
+    before: int
+    after: int
+
+
+@dataclass(frozen=True)
+class ContextInputs:
+    """The model inputs of some scored contexts: ``inputs[i]``, a row of `saebench_poly.models.base.Batch.inputs`,
+    is context ``context[i]``'s (increasing); ``kind`` says what they are (``text``, ``ids`` or ``features``,
+    `saebench_poly.stored_examples`)."""
+
+    context: torch.Tensor
+    inputs: torch.Tensor
+    kind: str
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The pass's answer to a `WindowRequest`, row i for the request's row i: the window's first position
+    ``start[i]`` and its number of tokens ``length[i]``, the code on it ``values[i]`` (float32 ``[R, before + after
+    + 1]``, padded past ``length[i]``), and the inputs of the rows' ``context`` (shared by the round's requests)."""
+
+    context: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+    values: torch.Tensor
+    inputs: ContextInputs
+
+    def select(self, rows: torch.Tensor) -> Windows:
+        """The windows of ``rows`` alone, with the inputs of their contexts alone (what is kept holds nothing else)."""
+        context = self.context[rows]
+        kept = torch.unique(context)
+        at = torch.searchsorted(self.inputs.context, kept)
+        return Windows(context=context, start=self.start[rows], length=self.length[rows], values=self.values[rows],
+                       inputs=ContextInputs(context=kept, inputs=self.inputs.inputs[at], kind=self.inputs.kind))
+
+    def tokens(self) -> torch.Tensor:
+        """Each window's model inputs at its positions ``[R, before + after + 1]`` (padded as ``values``), for
+        inputs of one id per position (kinds ``text`` and ``ids``)."""
+        rows = self.inputs.inputs[torch.searchsorted(self.inputs.context, self.context)]
+        where = (self.start[:, None] + torch.arange(self.values.shape[1])).clamp_max(rows.shape[1] - 1)
+        return rows.gather(1, where)
+
+    def context_inputs(self) -> torch.Tensor:
+        """Each row's whole context input (kind ``features``: a sample's feature vector)."""
+        return self.inputs.inputs[torch.searchsorted(self.inputs.context, self.context)]
+
+
+@dataclass(frozen=True)
 class RowRequest:
     """Rows of scored contexts that an accumulator asks the pass for after the scoring pass: h =
     ``inputs.capture(batch, activations)`` (`saebench_poly.models.base.UnitInputs`) at each (``context[i]``,
-    ``position[i]``), int64 ``[R]`` each, ordered by context. The pass answers with h's rows ``[R, d_h]`` in that
-    order (`saebench_poly.activations.revisit`)."""
+    ``position[i]``), int64 ``[R]`` each, ordered by context; with ``windows``, code windows of examples in the same
+    run of the model. The pass answers with `Rows` (`saebench_poly.revisit.read_rows`)."""
 
     inputs: UnitInputs
     context: torch.Tensor
     position: torch.Tensor
+    windows: WindowRequest | None = None
 
 
-# What `Accumulator.after_pass` returns: a generator that yields one `RowRequest` per round and is sent the rows.
-AfterPass = Generator["RowRequest", torch.Tensor, None]
+@dataclass(frozen=True)
+class Rows:
+    """The pass's answer to a `RowRequest`. The rows live in ``store`` ``[P, ...]``, which the requests of a round
+    that read one hook share (one row per distinct (context, position) among them: the hook's activations, which
+    ``transform`` (`UnitInputs.transform`) maps to h; a request that reads no hook has a store of its own, of h
+    itself, and no ``transform``): the request's row i is ``transform(store[index[i]])``. ``windows``: the
+    answer to the request's windows."""
+
+    store: torch.Tensor
+    index: torch.Tensor
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    windows: Windows | None = None
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """h at the request's rows ``rows`` (indices of any shape): ``[*rows.shape, d_h]``."""
+        values = self.store[self.index[rows]]
+        return values if self.transform is None else self.transform(values)
+
+
+@dataclass(frozen=True)
+class PostPass:
+    """What the stage after the pass offers every accumulator (`Accumulator.after_pass`). ``peers``: how many
+    accumulators of the asking one's class the run holds (those that ask answer in the same rounds and share a
+    memory bound; counting every one keeps the bound safe). ``windows``: for a family that finds examples'
+    behaviours, the windows to keep of each behaviour's examples (`ExampleWindows`); None for none."""
+
+    peers: int = 1
+    windows: ExampleWindows | None = None
+
+
+@dataclass(frozen=True)
+class ExampleWindows:
+    """Keep each behaviour's central example and ``members`` more of its members, each with its code on the tokens
+    ``before`` to ``after`` around its peak (`saebench_poly.stored_examples`)."""
+
+    members: int
+    before: int
+    after: int
+
+
+# What `Accumulator.after_pass` returns: a generator that yields one `RowRequest` per round and is sent its `Rows`.
+AfterPass = Generator["RowRequest", "Rows", None]
 
 
 @dataclass(frozen=True)
@@ -157,12 +256,11 @@ class Accumulator(ABC):
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self.transient}
 
-    def after_pass(self, peers: int) -> AfterPass | None:
+    def after_pass(self, plan: PostPass) -> AfterPass | None:
         """For a family that needs rows of chosen scored contexts again after the pass (the characteristic examples
         of `saebench_poly.metrics.polysemanticity`): a generator that yields a `RowRequest` per round and is sent
-        the rows it asked for, called once after the pass and before `compute`; None (the default) when it needs
-        none. ``peers``: how many accumulators of this class the run holds (those that ask answer in the same rounds
-        and share a memory bound; counting every one keeps the bound safe).
+        the `Rows` it asked for, called once after the pass and before `compute`; None (the default) when it needs
+        none. ``plan``: what the stage offers (`PostPass`).
         The pass runs the model; the accumulator only asks and computes."""
         return None
 

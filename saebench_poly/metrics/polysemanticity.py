@@ -59,17 +59,32 @@ The default rule and setting were chosen on the known answers of `saebench_poly.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from saebench_poly.metrics.base import Accumulator, AfterPass, EntryBatch, MetricSpec, RowRequest
+from saebench_poly.example_windows import StoredMembers, members_from_behaviours
+from saebench_poly.metrics.base import (
+    Accumulator,
+    AfterPass,
+    EntryBatch,
+    ExampleWindows,
+    MetricSpec,
+    PostPass,
+    RowRequest,
+    Rows,
+    WindowRequest,
+    Windows,
+)
 from saebench_poly.metrics.behaviours import AVERAGE_NULL, COMPONENTS, Behaviours, unit_behaviours
 from saebench_poly.metrics.examples import Examples, ExampleSelector, example_keys
 from saebench_poly.models.base import UnitInputs
+
+if TYPE_CHECKING:
+    from saebench_poly.sources.base import Entry
 
 # The default rule and its one setting, chosen on the ground-truth cases of
 # `saebench_poly.metrics.polysemanticity_truth` (`python scripts/poly_ground_truth.py` prints them; the README has the
@@ -85,9 +100,9 @@ TAU_SWEEP = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
 # Keys of the null sample: the option seed mixed with this salt, so that the null tokens are not tied to the examples.
 NULL_SALT = 0x6E756C6C
 # Memory bounds of the embedding stage; the results do not depend on them. The h rows of the chosen examples are
-# cached for as many units at a time as fit CACHE_BYTES (counted at 4 bytes a value, shared among the entries), the
-# model being re-run once per round of such groups; the [units, n, d] embeddings and [units, n, n] graphs go in
-# chunks of CHUNK_BYTES.
+# asked for as many units at a time as fit CACHE_BYTES (counted at 4 bytes a value for each entry, shared among the
+# entries; the pass stores the rows of a hook once for all the entries that read it), the model being re-run once per
+# round of such groups; the [units, n, d] embeddings and [units, n, n] graphs go in chunks of CHUNK_BYTES.
 CACHE_BYTES = 2**32
 CHUNK_BYTES = 2**27
 
@@ -184,6 +199,8 @@ class Polysemanticity(Accumulator):
             self.null = NullSample(self.options.null_tokens, self.options.seed)
         self.examples: Examples | None = None
         self.behaviours: Behaviours | None = None
+        # the examples kept with their windows, by group of units (`after_pass` with windows)
+        self.stored: list[tuple[StoredMembers, Windows]] | None = None
 
     def update(self, batch: EntryBatch) -> None:
         if self.selector is None:
@@ -199,28 +216,34 @@ class Polysemanticity(Accumulator):
             self.selector.merge(other.selector)
             self.null.merge(other.null)
 
-    def after_pass(self, peers: int) -> AfterPass | None:
+    def after_pass(self, plan: PostPass) -> AfterPass | None:
         """Select the examples, ask the pass for the h rows of the examples and of the null tokens
-        (`saebench_poly.activations.revisit`), and find the behaviours. The rows are asked for a group of units at
-        a time, as many as fit `CACHE_BYTES` shared among the ``peers`` (one round of the pass each); the results do
-        not depend on how the units are grouped."""
+        (`saebench_poly.revisit`), and find the behaviours. The rows are asked for a group of units at a time, as
+        many as fit `CACHE_BYTES` shared among the ``plan.peers`` (one round of the pass each); the results do not
+        depend on how the units are grouped. With ``plan.windows``, each group also asks for the code windows of
+        its examples, and keeps those of each behaviour's central example and first members (`stored`)."""
         if self.selector is None:
             return None
-        return self._rounds(peers)
+        return self._rounds(plan)
 
-    def _rounds(self, peers: int) -> AfterPass:
+    def _rounds(self, plan: PostPass) -> AfterPass:
         self.examples = self.selector.result(self.inputs.weight.device)
         self.behaviours = _no_behaviours(self.examples, len(self.cuts))
+        self.stored = [] if plan.windows is not None else None
         d_h = self.inputs.weight.shape[1]
-        rows = max(self.options.max_examples, CACHE_BYTES // (4 * d_h * max(peers, 1)))
+        rows = max(self.options.max_examples, CACHE_BYTES // (4 * d_h * max(plan.peers, 1)))
         for start, end in _unit_groups(self.examples.count, rows):
             group = _ExampleRows(self.examples, start, end, self.null.result())
-            group.cache = yield group.request(self.inputs)
+            windows = None if plan.windows is None else _window_request(self.entry, self.examples, start, end, plan.windows)
+            group.rows = yield group.request(self.inputs, windows)
             _group_behaviours(self.behaviours, start, group, self.inputs, self.options)
+            if plan.windows is not None:
+                members = members_from_behaviours(self.examples, self.behaviours, plan.windows.members, start, end)
+                self.stored.append((members, group.rows.windows.select(_window_rows(self.examples, start, end, members))))
 
     def _results(self) -> tuple[Examples, Behaviours]:
         if self.behaviours is None:
-            raise RuntimeError("the pass after the scoring pass (saebench_poly.activations.revisit) must run before the results are read")
+            raise RuntimeError("the pass after the scoring pass (saebench_poly.revisit) must run before the results are read")
         return self.examples, self.behaviours
 
     def _weak(self, examples: Examples) -> torch.Tensor:
@@ -374,7 +397,7 @@ def _unit_groups(count: torch.Tensor, rows_per_group: int) -> list[tuple[int, in
 
 class _ExampleRows:
     """The h rows at every distinct (context, position) of the examples of units [start, end) and of the null
-    tokens (``cache``, the pass's answer to `request`); ``index`` ``[units, S]`` gives each example's row,
+    tokens (``rows``, the pass's answer to `request`); ``index`` ``[units, S]`` gives each example's row,
     ``null_index`` ``[m]`` each null token's."""
 
     def __init__(self, examples: Examples, start: int, end: int, null: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -389,26 +412,41 @@ class _ExampleRows:
         self.index = torch.zeros_like(context)
         self.index[self.valid] = inverse[:examples_here]
         self.null_index = inverse[examples_here:]
-        self.cache: torch.Tensor | None = None
+        self.rows: Rows | None = None
 
-    def request(self, inputs: UnitInputs) -> RowRequest:
+    def request(self, inputs: UnitInputs, windows: WindowRequest | None) -> RowRequest:
         """The rows to ask the pass for: every distinct (context, position), by context."""
-        return RowRequest(inputs=inputs, context=self.pairs // self.span, position=self.pairs % self.span)
+        return RowRequest(inputs=inputs, context=self.pairs // self.span, position=self.pairs % self.span,
+                          windows=windows)
+
+
+def _window_request(entry: Entry, examples: Examples, start: int, end: int, shape: ExampleWindows) -> WindowRequest:
+    """The windows of every example of units [start, end), by unit and sample order (each may be kept)."""
+    units, index = (examples.context[start:end] >= 0).nonzero(as_tuple=True)
+    return WindowRequest(entry=entry, unit=units + start, context=examples.context[start:end][units, index],
+                         position=examples.position[start:end][units, index], before=shape.before, after=shape.after)
+
+
+def _window_rows(examples: Examples, start: int, end: int, members: StoredMembers) -> torch.Tensor:
+    """Each kept member's row in `_window_request`'s windows of units [start, end)."""
+    valid = examples.context[start:end].cpu() >= 0
+    row = torch.cumsum(valid.flatten(), 0).reshape(valid.shape) - 1
+    return row[members.unit - start, members.sample]
 
 
 def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: UnitInputs,
                       options: PolysemanticityOptions) -> None:
     """The behaviours of a group's units, in chunks by increasing example count (`_chunks_by_count`), each cut to
     its largest count (the examples are packed to the left), so that latents with few examples cost little."""
-    cache = group.cache
+    rows_of = group.rows.take
     count = group.valid.sum(dim=1)
     null = options.rule == AVERAGE_NULL
     m = group.null_index.numel() if null else 0
     for rows in _chunks_by_count(count, inputs.weight.shape[1], m):
         n = int(count[rows[-1]])
         weight = inputs.weight[start + rows].to(torch.float64)
-        embeddings = cache[group.index[rows, :n]].to(torch.float64) * weight[:, None, :]
-        null_embeddings = cache[group.null_index].to(torch.float64) * weight[:, None, :] if null else None
+        embeddings = rows_of(group.index[rows, :n]).to(torch.float64) * weight[:, None, :]
+        null_embeddings = rows_of(group.null_index).to(torch.float64) * weight[:, None, :] if null else None
         _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], options.rule, options.cuts,
                                                   null_embeddings))
 

@@ -34,10 +34,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from saebench_poly.activations import revisit_accumulators
 from saebench_poly.metrics.base import EntryBatch
 from saebench_poly.metrics.polysemanticity import OK, Polysemanticity, PolysemanticityOptions
 from saebench_poly.models.base import Batch, ForwardOutput, ModelAdapter, UnitInputs
+from saebench_poly.revisit import revisit_accumulators
 from saebench_poly.sources.base import BasisEntry, Entry, NeuronEntry, SAEEntry
 
 HOOK = "x"

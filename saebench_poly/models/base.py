@@ -78,7 +78,9 @@ class UnitInputs:
     ``capture`` reads (`ModelAdapter.hook_activations`): from ``activations`` (hook -> ``[batch, positions, width]``)
     when the caller passes the batch's forward there, so that one forward serves several units' inputs (the pass after
     the scoring pass does), else from a forward of its own; None when ``capture`` runs the model its own way or not
-    at all (it then ignores ``activations``). ``signed``: the units are the
+    at all (it then ignores ``activations``). With a ``hook``, ``transform`` maps the hook's activations to h row by row
+    (``capture`` is ``transform`` of them; None: h is the hook's activations), so that one store of the hook's rows
+    serves every unit set that reads the hook (the pass after the scoring pass keeps one). ``signed``: the units are the
     pre-activations themselves (no nonlinearity follows, as in Lecomte et al.'s linear hidden layer), so both signs
     are activity and they are read on both sides, as PCA directions are."""
 
@@ -87,6 +89,7 @@ class UnitInputs:
     bias: torch.Tensor
     capture: Callable[..., torch.Tensor]
     hook: str | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     signed: bool = False
 
 

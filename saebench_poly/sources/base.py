@@ -200,12 +200,15 @@ class SAEEntry(Entry):
             norms = sae.W_dec.detach().norm(dim=-1)
             weight, bias = weight * norms[:, None], bias * norms
 
-        def capture(batch: Batch, activations: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        def transform(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return sae.process_sae_in(self._hook_activations(adapter, batch, activations))
+                return sae.process_sae_in(x)
+
+        def capture(batch: Batch, activations: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+            return transform(self._hook_activations(adapter, batch, activations))
 
         return UnitInputs(source=f"sae.process_sae_in({self.hook})", weight=weight, bias=bias, capture=capture,
-                          hook=self.hook)
+                          hook=self.hook, transform=transform)
 
     def weights_sha256(self) -> str:
         if self._sha256 is None:
@@ -277,12 +280,16 @@ class BasisEntry(Entry):
         """h = x - centre (x for a basis without centre), w_u = the basis vector, b_u = 0."""
         center = self.center
 
+        def transform(x: torch.Tensor) -> torch.Tensor:
+            return x - center
+
         def capture(batch: Batch, activations: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
             x = self._hook_activations(adapter, batch, activations)
-            return x if center is None else x - center
+            return x if center is None else transform(x)
 
         return UnitInputs(source=self.hook if center is None else f"{self.hook} - centre", weight=self.basis,
-                          bias=torch.zeros_like(self.basis[:, 0]), capture=capture, hook=self.hook)
+                          bias=torch.zeros_like(self.basis[:, 0]), capture=capture, hook=self.hook,
+                          transform=None if center is None else transform)
 
     def weights_sha256(self) -> str:
         tensors = {"basis": self.basis}
