@@ -178,3 +178,20 @@ def test_after_the_pass_the_model_runs_once_over_each_context_for_the_rows_and_t
     assert {"resid-topk", f"neurons:{NEURONS}", f"pca:{RESID}", f"random:{RESID}"} <= set(examples["entry"])
     assert len(visited) == len(set(visited)) and set(examples["context"]) <= set(visited)
     assert counts["batches"] > 0 and counts["forwards"] == counts["batches"]
+
+
+def test_the_windows_do_not_depend_on_how_many_rounds_the_re_run_takes(tl_spec, tmp_path: Path, monkeypatch) -> None:
+    """With the units re-run one at a time (a round each), each round reads the windows of its examples: every
+    example stored by both runs has the same window. (Which members are stored may differ where a behaviour's central
+    example is a near tie, since the embeddings are compared in other chunks.)"""
+    keys, window = ["entry", "unit", "context", "position"], ["window_start", "token_ids", "activations"]
+    _, board = tiny_run(tl_spec, tmp_path)
+    one = read_table(examples_path(board), EXAMPLES_SCHEMA)[keys + window]
+    monkeypatch.setattr("saebench_poly.metrics.polysemanticity.CACHE_BYTES", 1)
+    _, board = tiny_run(tl_spec, tmp_path)
+    many = read_table(examples_path(board), EXAMPLES_SCHEMA)[keys + window]
+    both = one.merge(many, on=keys, suffixes=("_one", "_many"))
+    assert len(both) >= 0.9 * len(one) > 0
+    for column in window:
+        assert [list(v) if column != "window_start" else v for v in both[f"{column}_one"]] == [
+            list(v) if column != "window_start" else v for v in both[f"{column}_many"]], column

@@ -100,9 +100,10 @@ TAU_SWEEP = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
 # Keys of the null sample: the option seed mixed with this salt, so that the null tokens are not tied to the examples.
 NULL_SALT = 0x6E756C6C
 # Memory bounds of the embedding stage; the results do not depend on them. The h rows of the chosen examples are
-# asked for as many units at a time as fit CACHE_BYTES (counted at 4 bytes a value for each entry, shared among the
-# entries; the pass stores the rows of a hook once for all the entries that read it), the model being re-run once per
-# round of such groups; the [units, n, d] embeddings and [units, n, n] graphs go in chunks of CHUNK_BYTES.
+# asked for, with their code windows, for as many units at a time as fit CACHE_BYTES (counted at 4 bytes a value for
+# each entry, shared among the entries; the pass stores the rows of a hook once for all the entries that read it), the
+# model being re-run once per round of such groups; the [units, n, d] embeddings and [units, n, n] graphs go in
+# chunks of CHUNK_BYTES.
 CACHE_BYTES = 2**32
 CHUNK_BYTES = 2**27
 
@@ -230,8 +231,9 @@ class Polysemanticity(Accumulator):
         self.examples = self.selector.result(self.inputs.weight.device)
         self.behaviours = _no_behaviours(self.examples, len(self.cuts))
         self.stored = [] if plan.windows is not None else None
-        d_h = self.inputs.weight.shape[1]
-        rows = max(self.options.max_examples, CACHE_BYTES // (4 * d_h * max(plan.peers, 1)))
+        # an example's values: its h row, and its code window when windows are asked for
+        values = self.inputs.weight.shape[1] + (0 if plan.windows is None else plan.windows.before + plan.windows.after + 1)
+        rows = max(self.options.max_examples, CACHE_BYTES // (4 * values * max(plan.peers, 1)))
         for start, end in _unit_groups(self.examples.count, rows):
             group = _ExampleRows(self.examples, start, end, self.null.result())
             windows = None if plan.windows is None else _window_request(self.entry, self.examples, start, end, plan.windows)
