@@ -74,11 +74,12 @@ def python_doc_paragraphs() -> list[str]:
 
 
 def paragraphs(texts: Iterable[str]) -> list[str]:
-    """The prose paragraphs (blank-line separated) of ``texts``, whitespace collapsed, first occurrences only."""
+    """The prose paragraphs of ``texts``, whitespace collapsed, first occurrences only: blank-line separated, or one
+    a line in a text without blank lines (a ``kind = "text"`` data file)."""
     seen: set[str] = set()
     kept = []
     for text in texts:
-        for block in text.split("\n\n"):
+        for block in text.split("\n\n") if "\n\n" in text else text.splitlines():
             paragraph = " ".join(block.split())
             letters = sum(c.isalpha() for c in paragraph)
             if len(paragraph) >= MIN_PARAGRAPH and letters >= LETTER_SHARE * len(paragraph) and paragraph not in seen:
@@ -217,7 +218,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="a Hugging Face model folder (safetensors)")
     parser.add_argument("--hook", default="encoder.layer.3.intermediate", help="the MLP hook (its neurons)")
     parser.add_argument("--text", type=Path, nargs="*", default=[],
-                        help="text files (paragraphs separated by blank lines); default: Python's documentation")
+                        help="text files (paragraphs separated by blank lines, or one a line; prose only: at least "
+                        f"{MIN_PARAGRAPH} characters, {LETTER_SHARE * 100:.0f}%% letters); default: Python's documentation")
     parser.add_argument("--tokens", type=int, default=50_000, help="scored tokens per slice")
     parser.add_argument("--fit-tokens", type=int, default=8192)
     parser.add_argument("--train-tokens", type=int, default=100_000, help="training tokens of each SAE")

@@ -82,3 +82,19 @@ def test_split_documents_gives_disjoint_slices_that_meet_their_targets() -> None
     assert a[:3] == [0, 2, 3] and b[:2] == [1, 4]  # interleaved, two to one
     with pytest.raises(SystemExit, match="holds 1,000 tokens"):
         poly_real_model.split_documents(lengths, 900, 300)
+
+
+def test_paragraphs_of_a_text_with_or_without_blank_lines() -> None:
+    prose = ["A paragraph of prose that is long enough to be kept by the filter, with words and nothing else.",
+             "Another paragraph of prose, also long enough to be kept, about something else entirely, in words."]
+    assert poly_real_model.paragraphs(["\n\n".join(p.replace(", ", ",\n") for p in prose)]) == prose
+    assert poly_real_model.paragraphs(["\n".join(prose + prose[:1] + ["x = [1, 2, 3]"])]) == prose
+
+
+def test_the_script_describes_its_arguments() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--sae-width" in done.stdout and "--seeds" in done.stdout
