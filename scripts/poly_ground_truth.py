@@ -6,10 +6,11 @@ feature holding >= 10% of their examples; ``diffuse`` the others); ``K=truth`` t
 count whose K equals it (incidental: among neurons holding a feature, status ok); ``spearman`` Spearman(K, truth)
 over them; ``mean_eff`` the entry's mean_effective_behaviours; ``saturated`` the share of ok units with K = their
 example count; ``empty quiet`` the share of Lecomte's empty neurons that are too weak or have too few examples.
-Trained SAEs (sae-lens TopK at k = 8 and 24, trained on the synthetic model) are cached under ``--cache``; without
-``--trained`` they are left out (training them takes minutes).
+The trained SAEs (sae-lens TopK at k = 8 and 24, 2,048 latents, trained on the synthetic model) are read from
+`benchmarks/poly-ground-truth/`; ``--retrain`` trains them again and writes them there (about 20 minutes each on one
+CPU core).
 
-    python scripts/poly_ground_truth.py [--trained] [--rule components --tau 0.975] [--null-quantile 0.9]
+    python scripts/poly_ground_truth.py [--retrain] [--rule components --tau 0.975] [--null-quantile 0.9]
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,8 +26,6 @@ import pandas as pd
 from saebench_poly.metrics import polysemanticity_truth as truth
 from saebench_poly.metrics.polysemanticity import PolysemanticityOptions
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,18 +33,19 @@ def main() -> None:
     parser.add_argument("--rule", default=defaults.rule, choices=["average_null", "components"])
     parser.add_argument("--null-quantile", type=float, default=defaults.null_quantile)
     parser.add_argument("--tau", type=float, default=defaults.tau)
-    parser.add_argument("--samples", type=int, default=40_000, help="synthetic samples scored")
-    parser.add_argument("--trained", action="store_true", help="also score sae-lens SAEs trained on the synthetic data")
-    parser.add_argument("--cache", type=Path, default=REPOSITORY / "benchmarks" / ".artifacts" / "poly-ground-truth")
+    parser.add_argument("--samples", type=int, default=20_000, help="synthetic samples scored")
+    parser.add_argument("--retrain", action="store_true", help="train the SAEs of benchmarks/poly-ground-truth again")
     args = parser.parse_args()
     options = PolysemanticityOptions(rule=args.rule, null_quantile=args.null_quantile, tau=args.tau)
     start = time.perf_counter()
+    if args.retrain:
+        for training in truth.TRAINED:
+            print(f"trained {truth.save_trained(truth.train_synthetic_sae(training), training)}")
     rows = [truth.incidental_row(truth.incidental_case(options=options)), truth.exclusive_case(options=options).row()]
     data = truth.synthetic_data(samples=args.samples)
-    trained = truth.trained_saes(data, cache=args.cache) if args.trained else None
-    rows += [score.row() for score in truth.synthetic_case(data, trained, options)]
+    rows += [score.row() for score in truth.synthetic_case(data, truth.trained_saes(), options)]
     table = pd.DataFrame(rows)
-    print(f"rule: {options.describe_rule()}; synthetic: 4096 features in d = 256, {args.samples} samples")
+    print(f"rule: {options.describe_rule()}; synthetic: {truth.SYNTHETIC_FEATURES} features in d = {truth.SYNTHETIC_DIM}, {args.samples} samples")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep=""))
     print(f"({time.perf_counter() - start:.0f} s)")
 

@@ -316,7 +316,9 @@ def test_a_unit_driven_by_two_orthogonal_patterns_has_two_behaviours_and_by_one_
     assert sum(two.loc[0, "behaviour_sizes"]) == 100 and len(two.loc[0, "central_examples"]) == 2
     assert abs(two.loc[0, "mean_example_cosine"] - 0.5) < 0.1 and one.loc[0, "mean_example_cosine"] > 0.99
     sweep = dict(zip(two.loc[0, "cut_sweep"], two.loc[0, "n_behaviours_sweep"], strict=True))
-    assert all(sweep[q] == 2 for q in sweep if q <= 0.95)  # more behaviours only at cuts near the null's top
+    # more behaviours only at cuts near the null's top; at q = 0.5 the cut is about 0 (centred noise in 4 dimensions),
+    # the cross cosine of orthogonal patterns, and they may join
+    assert all(sweep[q] == 2 for q in sweep if 0.8 <= q <= 0.95)
     assert list(sweep.values()) == sorted(sweep.values())
     # the dead direction has no examples: too few, never monosemantic
     assert two.loc[1, "poly_status"] == "too_few_examples" and two.loc[1, "n_examples"] == 0

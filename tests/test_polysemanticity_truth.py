@@ -11,9 +11,10 @@ from saebench_poly.metrics.polysemanticity import OK, PolysemanticityOptions
 
 @pytest.fixture(scope="module")
 def synthetic() -> dict[str, truth.EntryScore]:
-    """sae-lens synthetic data, 2,048 features in d = 256 (a smaller sample than the script's, for speed)."""
-    data = truth.synthetic_data(num_features=2048, hidden_dim=256, samples=20_000)
-    scores = truth.synthetic_case(data, random_width=512)
+    """sae-lens synthetic data, 2,048 features in d = 256 (a smaller sample than the script's, for speed), with the
+    committed trained SAEs."""
+    data = truth.synthetic_data(samples=20_000)
+    scores = truth.synthetic_case(data, truth.trained_saes(), random_width=512)
     return {score.entry: score for score in scores} | {"_data": data}
 
 
@@ -24,6 +25,24 @@ def test_synthetic_oracle_units_have_their_true_count_and_rank_below_random_init
     for score in synthetic.values():
         if isinstance(score, truth.EntryScore) and score.row()["ok"]:
             assert score.row()["saturated"] < 0.2  # no entry has every example its own behaviour
+
+
+@pytest.mark.parametrize("k", [8, 24])
+def test_trained_sae_latents_have_their_true_count_and_rank_between_the_oracle_and_random_init(synthetic, k: int) -> None:
+    trained = synthetic[f"topk k={k}, 2048 latents"].row()
+    assert trained["with_truth"] >= 300 and trained["K=truth"] >= 0.95
+    assert synthetic["oracle"].row()["mean_eff"] < trained["mean_eff"] < 1.2 < synthetic["random-init"].row()["mean_eff"]
+
+
+def test_the_committed_sae_weights_are_refused_when_trained_with_other_settings(tmp_path) -> None:
+    import shutil
+    from dataclasses import replace
+
+    training = truth.TRAINED[0]
+    other = replace(training, lr=3e-4)
+    shutil.copy(truth.TRAINED_FOLDER / training.file, tmp_path / other.file)
+    with pytest.raises(ValueError, match="--retrain"):
+        truth.trained_saes([other], folder=tmp_path)
 
 
 def test_the_coordinate_basis_has_no_embedding_and_diffuse_directions_many_behaviours(synthetic) -> None:
@@ -48,7 +67,7 @@ def test_a_permuted_decoder_keeps_the_polysemanticity_and_loses_the_reconstructi
 
 
 def test_foote_fixed_tau_saturates_where_the_null_rule_does_not() -> None:
-    data = truth.synthetic_data(num_features=2048, hidden_dim=256, samples=10_000)
+    data = truth.synthetic_data(samples=10_000)
     (oracle, *_rest) = truth.synthetic_case(data, random_width=64,
                                              options=PolysemanticityOptions(rule="components", tau=0.975))
     assert oracle.row()["saturated"] > 0.9  # at tau = 0.975 every example is its own behaviour

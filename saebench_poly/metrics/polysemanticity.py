@@ -24,9 +24,12 @@ The sample's keys hash the option ``seed`` (not the spec's ``seed``), the unit a
 Behaviours (`saebench_poly.metrics.behaviours`): a partition of u's examples by the cosines of their embeddings,
 by the rule of ``rule``: ``average_null`` (default) joins groups by average linkage while their mean cross cosine
 exceeds the ``null_quantile`` (0.9) quantile of the cosines between u's embeddings of ``null_tokens`` (128) null
-tokens, a seeded uniform sample of the scored tokens (`NullSample`); ``components`` (Foote's rule) takes the
-connected components of the graph with an edge where cos > ``tau``. With n = the number of examples and
-p_k = |behaviour k| / n:
+tokens, a seeded uniform sample of the scored tokens (`NullSample`), every embedding taken of the input's deviation
+from the null tokens' coordinate-wise median input m (e_u(c) = (h(c, t*) - m) ⊙ w_u, whose sum is the
+pre-activation less w_u . m + b_u): a constant offset of the unit's inputs (an SAE whose b_dec is not the data's
+centre) would otherwise be shared by every embedding and raise every cosine alike; ``components`` (Foote's rule, his
+embedding as it is) takes the connected components of the graph with an edge where cos > ``tau``. With n = the
+number of examples and p_k = |behaviour k| / n:
 
 Per unit (per-unit table; null for units with no embedding, and K, exp(H) and the rest null for units with none):
 - ``n_examples`` = min(S, #characteristic contexts);
@@ -152,7 +155,7 @@ class PolysemanticityOptions(BaseModel):
         """The rule and its parameters, in words, as the per-unit table records it with every number."""
         if self.rule == COMPONENTS:
             return f"components(cos > tau={self.tau:g})"
-        return f"average_null(q={self.null_quantile:g}, null_tokens={self.null_tokens})"
+        return f"average_null(q={self.null_quantile:g}, null_tokens={self.null_tokens}, centred at their median)"
 
 
 class Polysemanticity(Accumulator):
@@ -160,19 +163,19 @@ class Polysemanticity(Accumulator):
     metrics. Foote 2024, arXiv 2411.08166."""
 
     metrics = (
-        MetricSpec("mean_effective_behaviours", 2, "lower", "polysemanticity",
+        MetricSpec("mean_effective_behaviours", 3, "lower", "polysemanticity",
                    "mean over units with enough examples (and not too weak) of exp(H(behaviour sizes)), the behaviours "
                    "of their examples' neuron embeddings by the rule of behaviour_rule (Foote 2024)", bounds=(1, math.inf)),
-        MetricSpec("median_effective_behaviours", 2, "lower", "polysemanticity",
+        MetricSpec("median_effective_behaviours", 3, "lower", "polysemanticity",
                    "median over units with enough examples of exp(H(behaviour sizes))", bounds=(1, math.inf)),
-        MetricSpec("mean_behaviours", 2, "lower", "polysemanticity",
+        MetricSpec("mean_behaviours", 3, "lower", "polysemanticity",
                    "mean over units with enough examples of K, the number of behaviours", bounds=(1, math.inf)),
-        MetricSpec("median_behaviours", 2, "lower", "polysemanticity",
+        MetricSpec("median_behaviours", 3, "lower", "polysemanticity",
                    "median over units with enough examples of K", bounds=(1, math.inf)),
-        MetricSpec("mean_largest_behaviour_share", 2, "higher", "polysemanticity",
+        MetricSpec("mean_largest_behaviour_share", 3, "higher", "polysemanticity",
                    "mean over units with enough examples of the largest behaviour's share of the examples",
                    bounds=(0, 1)),
-        MetricSpec("monosemantic_fraction", 2, "higher", "polysemanticity",
+        MetricSpec("monosemantic_fraction", 3, "higher", "polysemanticity",
                    "fraction of all units with enough examples, not too weak, and K = 1", bounds=(0, 1)),
         MetricSpec("too_few_examples_fraction", 2, "lower", "polysemanticity",
                    "fraction of units with fewer characteristic examples than min_examples (dead or nearly dead)",
@@ -180,7 +183,7 @@ class Polysemanticity(Accumulator):
         MetricSpec("too_weak_fraction", 1, "lower", "polysemanticity",
                    "fraction of units whose maximum is below weak_fraction x the 0.99 quantile of the entry's unit "
                    "maxima (units that carry almost nothing)", bounds=(0, 1)),
-        MetricSpec("saturated_fraction", 1, "lower", "polysemanticity",
+        MetricSpec("saturated_fraction", 2, "lower", "polysemanticity",
                    "fraction of the units with enough examples whose K equals their example count (every example "
                    "its own behaviour: the rule resolves nothing)", bounds=(0, 1)),
     )
@@ -444,11 +447,13 @@ def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: 
     count = group.valid.sum(dim=1)
     null = options.rule == AVERAGE_NULL
     m = group.null_index.numel() if null else 0
+    # average_null reads every input as its deviation from the null tokens' coordinate-wise median input (`centre`)
+    centre = rows_of(group.null_index).to(torch.float64).quantile(0.5, dim=0) if null and m else 0.0
     for rows in _chunks_by_count(count, inputs.weight.shape[1], m):
         n = int(count[rows[-1]])
         weight = inputs.weight[start + rows].to(torch.float64)
-        embeddings = rows_of(group.index[rows, :n]).to(torch.float64) * weight[:, None, :]
-        null_embeddings = rows_of(group.null_index).to(torch.float64) * weight[:, None, :] if null else None
+        embeddings = (rows_of(group.index[rows, :n]).to(torch.float64) - centre) * weight[:, None, :]
+        null_embeddings = (rows_of(group.null_index).to(torch.float64) - centre) * weight[:, None, :] if null else None
         _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], options.rule, options.cuts,
                                                   null_embeddings))
 

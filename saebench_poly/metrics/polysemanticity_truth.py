@@ -25,9 +25,11 @@ table; `tests/test_polysemanticity_truth.py` holds the bars.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,9 +187,13 @@ class Synthetic:
         return self.model.feature_dict.bias.detach()
 
 
-def synthetic_data(num_features: int = 4096, hidden_dim: int = 256, samples: int = 40_000, seed: int = 0) -> Synthetic:
-    """A small SynthSAEBench-style configuration: Zipfian firing probabilities from 0.02 down to 0.002 (L0 about 9),
-    magnitudes 1 +- 0.3, a bias of norm 1, random unit feature directions."""
+SYNTHETIC_FEATURES, SYNTHETIC_DIM = 2048, 256
+
+
+def synthetic_data(num_features: int = SYNTHETIC_FEATURES, hidden_dim: int = SYNTHETIC_DIM, samples: int = 40_000,
+                   seed: int = 0) -> Synthetic:
+    """A small SynthSAEBench-style configuration: Zipfian firing probabilities from 0.02 down to 0.002 (L0 about
+    4.9 with 2,048 features), magnitudes 1 +- 0.3, a bias of norm 1, random unit feature directions."""
     from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig, ZipfianFiringProbabilityConfig
 
     cfg = SyntheticModelConfig(num_features=num_features, hidden_dim=hidden_dim,
@@ -232,30 +238,96 @@ def permuted_decoder(sae: Any, seed: int = 0) -> Any:
     return permuted
 
 
-def trained_saes(data: Synthetic, ks: Sequence[int] = (8, 24), width: int = 2048, samples: int = 300_000,
-                 cache: Any = None) -> dict[str, Any]:
-    """sae-lens TopK SAEs trained on the synthetic model (`sae_lens.synthetic.train_toy_sae`) at two sparsities,
-    loaded from ``cache`` (a folder) when they were trained before with the same settings."""
-    from pathlib import Path
+# The trained SAEs of case 1 (`trained_saes`), trained once by `train_synthetic_sae` and committed: training them
+# takes about 20 minutes of one CPU core each, too long for the test suite. `scripts/poly_ground_truth.py --retrain`
+# writes them again.
+TRAINED_FOLDER = Path(__file__).resolve().parents[2] / "benchmarks" / "poly-ground-truth"
 
+
+@dataclass(frozen=True)
+class SyntheticTraining:
+    """How a case-1 SAE is trained: a sae-lens TopK SAE of ``width`` latents at ``k``, on ``samples`` fresh samples
+    of the synthetic model (seed 0, `SYNTHETIC_FEATURES` features in d = `SYNTHETIC_DIM`), batches of 1,024, Adam at
+    a constant ``lr``, initialised from torch's seed ``seed``; its decoder bias starts at the mean of the samples of
+    ``synthetic_data(samples=20_000)``."""
+
+    k: int
+    seed: int
+    width: int = 2048
+    samples: int = 4_096_000
+    lr: float = 1e-3
+
+    @property
+    def file(self) -> str:
+        return f"topk{self.k}-w{self.width}.safetensors"
+
+    @property
+    def name(self) -> str:
+        return f"topk k={self.k}, {self.width} latents"
+
+    def metadata(self) -> dict[str, str]:
+        return {"training": json.dumps({**asdict(self), "features": SYNTHETIC_FEATURES, "dim": SYNTHETIC_DIM},
+                                       sort_keys=True)}
+
+
+# Two sparsities at the width of the dictionary, and a narrow SAE (a quarter of the features) whose latents must
+# absorb several features each.
+TRAINED = (SyntheticTraining(k=8, seed=8), SyntheticTraining(k=24, seed=24),
+           SyntheticTraining(k=4, seed=4, width=512, samples=2_048_000))
+
+
+def train_synthetic_sae(training: SyntheticTraining) -> Any:
+    """A sae-lens TopK SAE trained on the synthetic model with sae-lens's `train_toy_sae` (`SyntheticTraining`). The
+    decoder bias starts at the data mean: sae-lens starts it at 0, and then the model's bias (norm 1, against about 0.45 per firing
+    feature) decides the top k of every input alike and most latents die early (96% dead after 300k samples)."""
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.synthetic import train_toy_sae
-    from safetensors.torch import load_file, save_file
+
+    data = synthetic_data(samples=20_000)
+    with torch.random.fork_rng():
+        torch.manual_seed(training.seed)
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=data.x.shape[1], d_sae=training.width, k=training.k))
+        with torch.no_grad():
+            sae.b_dec.copy_(data.x.mean(dim=0))
+        train_toy_sae(sae, data.model.feature_dict, data.model.activation_generator,
+                      training_samples=training.samples, batch_size=1024, lr=training.lr)
+    return sae.eval()
+
+
+def save_trained(sae: Any, training: SyntheticTraining, folder: Path = TRAINED_FOLDER) -> Path:
+    """Write ``sae``'s weights (float16, to keep the repository small) with ``training`` in the metadata,
+    temp-then-rename."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / training.file
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file({name: p.detach().to(torch.float16).contiguous() for name, p in sae.state_dict().items()},
+              str(temporary), metadata=training.metadata())
+    temporary.chmod(0o644)
+    temporary.replace(path)
+    return path
+
+
+def trained_saes(trainings: Sequence[SyntheticTraining] = TRAINED, folder: Path = TRAINED_FOLDER) -> dict[str, Any]:
+    """The committed case-1 SAEs (`TRAINED_FOLDER`), as sae-lens TopK training SAEs in eval mode, float32. A file
+    trained with other settings than ``trainings`` is refused."""
+    from safetensors import safe_open
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     saes = {}
-    for k in ks:
-        torch.manual_seed(k)
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=data.x.shape[1], d_sae=width, k=k))
-        path = Path(cache) / f"topk{k}-w{width}-n{samples}.safetensors" if cache else None
-        if path is not None and path.is_file():
-            sae.load_state_dict(load_file(path))
-        else:
-            train_toy_sae(sae, data.model.feature_dict, data.model.activation_generator, training_samples=samples,
-                          batch_size=1024, lr=1e-3)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({name: p.detach().contiguous() for name, p in sae.state_dict().items()}, str(path))
-        saes[f"topk k={k}"] = sae.eval()
+    for training in trainings:
+        path = folder / training.file
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run python scripts/poly_ground_truth.py --retrain")
+        with safe_open(str(path), "pt") as stored:
+            if stored.metadata() != training.metadata():
+                raise ValueError(f"{path} was trained with {stored.metadata()}, not {training.metadata()}: "
+                                 "run python scripts/poly_ground_truth.py --retrain")
+            weights = {name: stored.get_tensor(name).to(torch.float32) for name in stored.keys()}
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=SYNTHETIC_DIM, d_sae=training.width, k=training.k))
+        sae.load_state_dict(weights)
+        saes[training.name] = sae.eval()
     return saes
 
 
