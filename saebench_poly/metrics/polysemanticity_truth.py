@@ -312,8 +312,8 @@ def save_trained(sae: Any, training: SyntheticTraining, folder: Path = TRAINED_F
 def trained_saes(trainings: Sequence[SyntheticTraining] = TRAINED, folder: Path = TRAINED_FOLDER) -> dict[str, Any]:
     """The committed case-1 SAEs (`TRAINED_FOLDER`), as sae-lens TopK training SAEs in eval mode, float32. A file
     trained with other settings than ``trainings`` is refused."""
-    from safetensors import safe_open
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from safetensors import safe_open
 
     saes = {}
     for training in trainings:
