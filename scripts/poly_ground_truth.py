@@ -6,9 +6,9 @@ feature holding >= 10% of their examples; ``diffuse`` the others); ``K=truth`` t
 count whose K equals it (incidental: among neurons holding a feature, status ok); ``spearman`` Spearman(K, truth)
 over them; ``mean_eff`` the entry's mean_effective_behaviours; ``saturated`` the share of ok units with K = their
 example count; ``empty quiet`` the share of Lecomte's empty neurons that are too weak or have too few examples.
-The trained SAEs (sae-lens TopK at k = 8 and 24, 2,048 latents, trained on the synthetic model) are read from
-`benchmarks/poly-ground-truth/`; ``--retrain`` trains them again and writes them there (about 20 minutes each on one
-CPU core).
+The trained SAEs (sae-lens TopK at k = 8 and 24 with 2,048 latents, and k = 4 with 512, trained on the synthetic
+model) are read from `benchmarks/poly-ground-truth/`; ``--retrain`` trains them again and writes them there (about
+20 minutes each on one CPU core, the narrow one 6).
 
     python scripts/poly_ground_truth.py [--retrain] [--rule components --tau 0.975] [--null-quantile 0.9]
 """

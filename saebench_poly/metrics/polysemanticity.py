@@ -448,12 +448,14 @@ def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: 
     null = options.rule == AVERAGE_NULL
     m = group.null_index.numel() if null else 0
     # average_null reads every input as its deviation from the null tokens' coordinate-wise median input (`centre`)
-    centre = rows_of(group.null_index).to(torch.float64).quantile(0.5, dim=0) if null and m else 0.0
+    null_rows = rows_of(group.null_index).to(torch.float64) if null else None
+    centre = null_rows.quantile(0.5, dim=0) if null and m else 0.0
+    null_deviations = null_rows - centre if null else None
     for rows in _chunks_by_count(count, inputs.weight.shape[1], m):
         n = int(count[rows[-1]])
         weight = inputs.weight[start + rows].to(torch.float64)
         embeddings = (rows_of(group.index[rows, :n]).to(torch.float64) - centre) * weight[:, None, :]
-        null_embeddings = (rows_of(group.null_index).to(torch.float64) - centre) * weight[:, None, :] if null else None
+        null_embeddings = null_deviations * weight[:, None, :] if null else None
         _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], options.rule, options.cuts,
                                                   null_embeddings))
 

@@ -278,8 +278,8 @@ TRAINED = (SyntheticTraining(k=8, seed=8), SyntheticTraining(k=24, seed=24),
 
 def train_synthetic_sae(training: SyntheticTraining) -> Any:
     """A sae-lens TopK SAE trained on the synthetic model with sae-lens's `train_toy_sae` (`SyntheticTraining`). The
-    decoder bias starts at the data mean: sae-lens starts it at 0, and then the model's bias (norm 1, against about 0.45 per firing
-    feature) decides the top k of every input alike and most latents die early (96% dead after 300k samples)."""
+    decoder bias starts at the data mean: sae-lens starts it at 0, and then the model's bias (norm 1, shared by every
+    input) decides the top k of every input alike and most latents die early (96% dead after 300k samples)."""
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.synthetic import train_toy_sae
 
