@@ -24,6 +24,9 @@ from saebench_poly.usertext import NAME_CHARACTERS, is_valid_name, printable
 # The default specs (benchmarks/*.toml) as a wheel ships them (setup.py); absent in a checkout.
 PACKAGED_SPECS = Path(__file__).resolve().parent / "specs"
 BASELINE_SCHEMES = ("neurons", "pca", "random")
+# Contexts scored when a language model's spec gives no ``tokens``: at 4,000 contexts of 127 tokens the median
+# live latent of the real-model study's SAEs has at least 30 characteristic examples (README, "How many tokens").
+DEFAULT_CONTEXTS = 4_000
 DATASET_KINDS = ("hub", "text", "jsonl", "parquet", "tokens", "synthetic")
 # Model loaders whose models sample their own inputs (dataset kind "synthetic"); their `name` is always a folder.
 SYNTHETIC_LOADERS = ("toy", "incidental")
@@ -74,7 +77,9 @@ class TrainedSAESpec(SAETrainingConfig):
 class BenchmarkSpec(BaseModel):
     """A benchmark: which model, data and entries to score, with which metrics, written where.
 
-    ``tokens``: scored tokens (samples for toy models); ``fit_tokens``: a held-out slice, before the scored one,
+    ``tokens``: scored tokens (samples for toy models); a language model's spec without it scores
+    `DEFAULT_CONTEXTS` contexts, enough for the median live latent of a typical SAE to have 30 characteristic
+    examples (README, "How many tokens"); ``fit_tokens``: a held-out slice, before the scored one,
     on which PCA baselines are fitted; ``hooks``: hooks whose baselines (``baselines``) are always added, besides
     the MLP neurons that each SAE's hook is compared with; ``train``: SAEs trained with sae-lens on the model's
     activations when their folder under ``artifacts`` is missing, then scored as ``disk:`` entries.
@@ -93,7 +98,7 @@ class BenchmarkSpec(BaseModel):
     metrics: list[str] | None = None
     # [metric_options.<family>]: parameters of a metric family (its `Options`), validated when the spec is run.
     metric_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    tokens: Annotated[int, Field(gt=0)]
+    tokens: Annotated[int, Field(gt=0)] | None = None
     fit_tokens: Annotated[int, Field(ge=0)] = 8192
     context_size: Annotated[int, Field(gt=0)] = 128
     batch_size: Annotated[int, Field(gt=0)] = 16
@@ -118,9 +123,15 @@ class BenchmarkSpec(BaseModel):
         return [{"uri": e} if isinstance(e, str) else e for e in entries] if isinstance(entries, list) else entries
 
     @model_validator(mode="after")
-    def _check_synthetic_data(self) -> BenchmarkSpec:
-        if (self.dataset.kind == "synthetic") != (self.model.loader in SYNTHETIC_LOADERS):
+    def _check_data(self) -> BenchmarkSpec:
+        synthetic = self.dataset.kind == "synthetic"
+        if synthetic != (self.model.loader in SYNTHETIC_LOADERS):
             raise ValueError(f"dataset kind 'synthetic' goes with the model loaders {', '.join(SYNTHETIC_LOADERS)}, and only with them")
+        if self.tokens is None:
+            if synthetic:
+                raise ValueError("tokens is missing: a toy model's spec says how many samples to score (tokens = N)")
+            self.tokens = DEFAULT_CONTEXTS * (self.context_size - self.prepend_bos)
+            self.__pydantic_fields_set__.discard("tokens")  # a filled default, so overrides of context_size refill it
         return self
 
     def settings(self) -> dict[str, Any]:
@@ -242,7 +253,8 @@ def _first_problem(err: ValidationError) -> str:
         return f"unknown key {where!r}{hint}"
     if problem["type"] == "missing":
         return f"missing key {where!r}"
-    return f"{where or 'spec'}: {problem['msg'].removeprefix('Value error, ')}"
+    message = problem["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def _user_location(problem: Any) -> list[str]:

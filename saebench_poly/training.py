@@ -74,6 +74,10 @@ class SAETrainingConfig(BaseModel):
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
     seed: int = 0
+    # The dtype of training (weights, optimiser state, data; the SAE is saved in float32). float64 makes the
+    # trained weights the same on CPUs whose kernels sum in other orders (AVX2 vs AVX-512): in float32 a TopK
+    # selection that flips on a last-bit difference sends two trainings apart.
+    dtype: Literal["float32", "float64"] = "float32"
 
     @model_validator(mode="after")
     def _check_sparsity_setting(self) -> SAETrainingConfig:
@@ -117,7 +121,7 @@ def train_sae(
     its own seeding. ``hook_name`` and ``model_name`` go into the SAE's metadata.
     """
     training_sae_cls, training_cfg_cls = get_sae_training_class(cfg.architecture)
-    sae_cfg = training_cfg_cls(d_in=d_in, d_sae=cfg.d_sae, device=str(device), **cfg.sae_lens_options())
+    sae_cfg = training_cfg_cls(d_in=d_in, d_sae=cfg.d_sae, device=str(device), dtype=cfg.dtype, **cfg.sae_lens_options())
     if hook_name is not None:
         sae_cfg.metadata.hook_name = hook_name
     if model_name is not None:
@@ -139,6 +143,7 @@ def train_sae(
         # progress through the data iterator instead.
         with mock.patch.object(sae_trainer, "tqdm", functools.partial(tqdm, disable=True)):
             SAETrainer(cfg=trainer_cfg, sae=training_sae, data_provider=_checked(data, cfg, d_in)).fit()
+    training_sae.to(torch.float32)  # trained in float64 or not, saved in float32 as every other SAE
     with tempfile.TemporaryDirectory(prefix=".saebench-tmp-") as folder:
         training_sae.save_inference_model(folder)
         return SAE.load_from_disk(folder, device=str(device))
@@ -153,5 +158,5 @@ def _checked(data: Iterator[torch.Tensor], cfg: SAETrainingConfig, d_in: int) ->
                 f"SAE {cfg.name!r}: training batch has shape {tuple(batch.shape)}, expected ({cfg.batch_size}, {d_in})"
             )
         seen += batch.shape[0]
-        yield batch
+        yield batch.to(getattr(torch, cfg.dtype))
     raise UserError(f"SAE {cfg.name!r}: training data ran out after {seen} of {cfg.training_samples} samples")

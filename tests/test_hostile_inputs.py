@@ -416,7 +416,7 @@ MISTAKES = {
     "hub dataset folder with a loading script": (lambda spec, tmp, f: _script_dataset(spec, f["token_file"], tmp), "loading script"),
     "text data on a model without a tokenizer": (lambda spec, tmp, f: _text_without_tokenizer(spec, f["token_file"], tmp),
                                                  "has no tokenizer"),
-    "typo of a required key": (lambda spec, tmp, f: _set(spec, "tokens = 400", "tokns = 400"),
+    "typo of a key": (lambda spec, tmp, f: _set(spec, "tokens = 400", "tokns = 400"),
                                "unknown key 'tokns'; did you mean 'tokens'"),
     "cfg.json d_sae that the weights do not have": (lambda spec, tmp, f: _with_entry(spec, _sae_with(tmp, _wider)), "size mismatch for W_"),
     "cfg.json that is not JSON": (lambda spec, tmp, f: _with_entry(spec, _sae_with(tmp, lambda t: t[:-3])), "cfg.json"),

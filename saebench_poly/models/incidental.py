@@ -84,15 +84,16 @@ def hook_name(n: int, m: int) -> str:
 
 def train_pair(n: int, m: int, cfg: IncidentalConfig, advance: Callable[[int], None] | None = None) -> torch.Tensor:
     """``[instances, n, m]`` trained weights of one pair (float32, CPU), seeded by ``cfg.seed``, n and m;
-    ``advance(1)`` is called after each step.
+    ``advance(1)`` is called after each step. Trained in float64, so that CPUs whose kernels sum in other orders
+    (AVX2, AVX-512) give the same weights.
 
     All instances train at once: the loss is a sum over instances and AdamW acts elementwise, so this is the same
     as training each alone."""
     seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{n}:{m}".encode()).digest()[:8], "little") % 2**63
     generator = torch.Generator().manual_seed(seed)
-    weights = torch.nn.Parameter(torch.randn(cfg.instances, n, m, generator=generator) / m**0.5)
+    weights = torch.nn.Parameter((torch.randn(cfg.instances, n, m, generator=generator) / m**0.5).double())
     optimizer = torch.optim.AdamW([weights], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    target = torch.eye(n)
+    target = torch.eye(n, dtype=torch.float64)
     with single_thread():
         for _ in range(cfg.steps):
             # the batch is the n one-hot inputs, so the hidden layer is W itself and the output ReLU(W W^T)
@@ -103,7 +104,7 @@ def train_pair(n: int, m: int, cfg: IncidentalConfig, advance: Callable[[int], N
             optimizer.step()
             if advance is not None:
                 advance(1)
-    return weights.detach()
+    return weights.detach().float()
 
 
 def features_per_neuron(weights: torch.Tensor, low: float = 0.8, high: float = 1.2) -> torch.Tensor:
