@@ -97,6 +97,22 @@ def test_sparse_and_dense_batches_give_the_exact_covariance() -> None:
     torch.testing.assert_close(covariance.covariance(), torch.cov(z.T), rtol=1e-10, atol=1e-12)
 
 
+def test_a_batchs_shared_active_entries_give_the_same_covariance_and_firing_counts() -> None:
+    z = sparse_code(700, 256, 4, seed=5)
+    alone, shared = StreamingCovariance(), StreamingCovariance()
+    for chunk in z.split(64):
+        batch = EntryBatch(x=chunk, z=chunk, x_hat=chunk)
+        assert batch.is_sparse()
+        alone.update(chunk)
+        shared.update(chunk, batch.active_entries())
+        torch.testing.assert_close(batch.firing_counts(), (chunk != 0).sum(dim=0), rtol=0, atol=0)
+    torch.testing.assert_close(shared.covariance(), alone.covariance(), rtol=0, atol=0)
+    torch.testing.assert_close(shared.covariance(), torch.cov(z.T), rtol=1e-10, atol=1e-12)
+    dense = EntryBatch(x=z, z=z + 0.1, x_hat=z)
+    assert not dense.is_sparse()
+    torch.testing.assert_close(dense.firing_counts(), (z + 0.1 != 0).sum(dim=0), rtol=0, atol=0)
+
+
 def test_wide_codes_use_a_uniform_token_sample_whose_spectrum_is_exact() -> None:
     z = sparse_code(1500, 200, 6, seed=5)
     options = {"max_exact_width": 128, "sample_size": 300}

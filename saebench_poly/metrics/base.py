@@ -168,6 +168,11 @@ class DownstreamBatch:
     kl: torch.Tensor
 
 
+# A code whose batch has at most this fraction of its entries non-zero is sparse: its statistics are gathered from
+# the active entries (`EntryBatch.active_entries`) rather than dense products.
+SPARSE_FRACTION = 1 / 32
+
+
 @dataclass
 class EntryBatch:
     """What an entry produced on one batch, at its scored positions: the activations ``x`` ``[N, d_out]`` that it
@@ -187,6 +192,8 @@ class EntryBatch:
     downstream: DownstreamBatch | None = None
     shared: dict[str, Any] = field(default_factory=dict, repr=False)
     _firing_counts: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _active_count: int | None = field(default=None, init=False, repr=False)
+    _active_entries: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def per_hook(self, key: str, compute: Callable[[torch.Tensor], Any]) -> Any:
         """``compute(x)``, computed once per batch for all the entries at this hook (``x`` is the same for all of
@@ -200,9 +207,29 @@ class EntryBatch:
         """``[width]`` int64: on how many of the batch's rows each unit is active (z != 0); computed once per batch
         and shared by the families that count firing."""
         if self._firing_counts is None:
-            # a bool reduction into int32 is about twice as fast as into int64 on CPU; a batch has < 2^31 rows
-            self._firing_counts = (self.z.detach() != 0).sum(dim=0, dtype=torch.int32).to(torch.int64)
+            if self.is_sparse():
+                self._firing_counts = torch.bincount(self.active_entries()[1], minlength=self.z.shape[1])
+            else:
+                # a bool reduction into int32 is about twice as fast as into int64 on CPU; a batch has < 2^31 rows
+                self._firing_counts = (self.z.detach() != 0).sum(dim=0, dtype=torch.int32).to(torch.int64)
         return self._firing_counts
+
+    def active_count(self) -> int:
+        """How many entries of ``z`` are non-zero; computed once per batch."""
+        if self._active_count is None:
+            self._active_count = int(torch.count_nonzero(self.z.detach()))
+        return self._active_count
+
+    def is_sparse(self) -> bool:
+        """Whether at most `SPARSE_FRACTION` of ``z``'s entries are non-zero."""
+        return self.active_count() <= self.z.numel() * SPARSE_FRACTION
+
+    def active_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, units)``: the indices of ``z``'s non-zero entries, row by row and in increasing unit order
+        within a row (``z.nonzero``); computed once per batch and shared by the families that read sparse codes."""
+        if self._active_entries is None:
+            self._active_entries = self.z.detach().nonzero(as_tuple=True)
+        return self._active_entries
 
 
 class NoOptions(BaseModel):

@@ -39,11 +39,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from saebench_poly.metrics.base import Accumulator, EntryBatch, MetricSpec
+from saebench_poly.metrics.base import SPARSE_FRACTION, Accumulator, EntryBatch, MetricSpec
 from saebench_poly.metrics.moments import Moments, chan_merge
 from saebench_poly.sources.base import BasisEntry
 
-SPARSE_ACTIVE_FRACTION = 1 / 32
 ZERO_EIGENVALUE = 1e-10
 # Outer products of at most this many entries are formed at once by the sparse path.
 _OUTER_CHUNK = 1 << 22
@@ -75,30 +74,37 @@ class StreamingCovariance:
     def count(self) -> int:
         return self.dense.count + self.sparse_count
 
-    def update(self, z: torch.Tensor) -> None:
+    def update(self, z: torch.Tensor, active_entries: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Fold in the rows ``z``; ``active_entries``: their non-zero entries' ``(rows, units)`` in ``z.nonzero``
+        order, when the caller has them (`EntryBatch.active_entries`)."""
         n, width = z.shape
         if n == 0:
             return
-        active = z != 0
-        per_row = active.sum(dim=1)
-        most = int(per_row.max())
-        if most > width * SPARSE_ACTIVE_FRACTION:
+        if active_entries is None:
+            if torch.count_nonzero(z) > z.numel() * SPARSE_FRACTION:  # then some row is too
+                self.dense.update(z)
+                return
+            active_entries = z.nonzero(as_tuple=True)
+        rows, units = active_entries
+        per_row = torch.bincount(rows, minlength=n)
+        most = int(per_row.max()) if rows.numel() else 0
+        if most > width * SPARSE_FRACTION:
             self.dense.update(z)
             return
         if self.sparse_sum is None:
             self.sparse_sum = torch.zeros(width, dtype=torch.float64, device=z.device)
             self.sparse_outer = torch.zeros(width * width, dtype=torch.float64, device=z.device)
         self.sparse_count += n
-        self.sparse_sum += z.sum(dim=0, dtype=torch.float64)
+        active_values = z[rows, units].to(torch.float64)
+        self.sparse_sum.index_add_(0, units, active_values)
         if most == 0:
             return
         # each row's active entries in increasing unit order, padded with zeros to the batch's most: [n, most]
-        rows, units = active.nonzero(as_tuple=True)
         slot = torch.arange(rows.numel(), device=z.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
         index = torch.zeros(n, most, dtype=torch.int64, device=z.device)
         values = torch.zeros(n, most, dtype=torch.float64, device=z.device)
         index[rows, slot] = units
-        values[rows, slot] = z[rows, units].to(torch.float64)
+        values[rows, slot] = active_values
         # the products of slots a <= b only: unit index[a] < index[b], the upper triangle (padding adds zeros)
         first, second = torch.triu_indices(most, most, device=z.device)
         chunk = max(1, _OUTER_CHUNK // first.numel())
@@ -129,8 +135,12 @@ class StreamingCovariance:
             width = self.sparse_sum.numel()
             upper = self.sparse_outer.view(width, width)
             mean_s = self.sparse_sum / self.sparse_count
-            comoment_s = upper + upper.T - torch.diag(upper.diagonal()) - self.sparse_count * torch.outer(mean_s, mean_s)
+            # sum z z^T - N mean mean^T from the upper triangle, built in one matrix (width^2 float64 each)
+            comoment_s = upper + upper.T
+            comoment_s.diagonal().sub_(upper.diagonal())
+            comoment_s.addr_(mean_s, mean_s, alpha=-self.sparse_count)
             _, mean, comoment = chan_merge(self.dense.count, mean, comoment, self.sparse_count, mean_s, comoment_s)
+            return comoment.div_(max(self.count - 1, 1))
         return comoment / max(self.count - 1, 1)
 
 
@@ -180,7 +190,7 @@ class TokenSample:
                 return
             keys, z = keys[chosen], z[chosen.to(z.device)]
         if self.sparse is None:
-            self.sparse = bool((z != 0).sum() <= z.numel() * SPARSE_ACTIVE_FRACTION)
+            self.sparse = bool((z != 0).sum() <= z.numel() * SPARSE_FRACTION)
         rows = z.detach().to_sparse() if self.sparse else z.detach().clone()
         if self.keys is not None:
             keys, rows = torch.cat([self.keys, keys]), torch.cat([self.rows, rows])
@@ -275,7 +285,7 @@ class CodeGeometry(Accumulator):
             return
         z = batch.z.detach()
         if self.exact:
-            self.covariance.update(z)
+            self.covariance.update(z, batch.active_entries() if batch.is_sparse() else None)
         else:
             self.sample.update(z, batch.first_token)
 
