@@ -207,17 +207,14 @@ class EntryBatch:
         """``[width]`` int64: on how many of the batch's rows each unit is active (z != 0); computed once per batch
         and shared by the families that count firing."""
         if self._firing_counts is None:
-            if self.is_sparse():
-                self._firing_counts = torch.bincount(self.active_entries()[1], minlength=self.z.shape[1])
-            else:
-                # a bool reduction into int32 is about twice as fast as into int64 on CPU; a batch has < 2^31 rows
-                self._firing_counts = (self.z.detach() != 0).sum(dim=0, dtype=torch.int32).to(torch.int64)
+            # a bool reduction into int32 is about twice as fast as into int64 on CPU; a batch has < 2^31 rows
+            self._firing_counts = (self.z.detach() != 0).sum(dim=0, dtype=torch.int32).to(torch.int64)
         return self._firing_counts
 
     def active_count(self) -> int:
-        """How many entries of ``z`` are non-zero; computed once per batch."""
+        """How many entries of ``z`` are non-zero: the sum of `firing_counts`."""
         if self._active_count is None:
-            self._active_count = int(torch.count_nonzero(self.z.detach()))
+            self._active_count = int(self.firing_counts().sum())
         return self._active_count
 
     def is_sparse(self) -> bool:
