@@ -47,7 +47,7 @@ AGREEMENT = [
     ("l0", "l0", lambda m: m["l0"], "same definition"),
     ("cosine_similarity", "cossim", lambda m: m["cossim"], "same definition: mean over tokens of cos(x, x_hat)"),
     ("l2_norm_ratio", "l2_ratio", lambda m: m["l2_ratio"], "same definition"),
-    ("mse", "mse", lambda m: m["mse"], "normalised otherwise (issue 11: theirs is divided by tokens per batch)"),
+    ("mse", "mse", lambda m: m["mse"], "theirs = ours x d / the batch's scored tokens"),
     ("fvu", "1 - explained_variance", lambda m: 1 - m["explained_variance"], "theirs is not shift-invariant"),
     ("ce_increase", "ce_loss_with_sae - ce_loss_without_sae",
      lambda m: m["ce_loss_with_sae"] - m["ce_loss_without_sae"], "same definition"),
