@@ -14,7 +14,7 @@ import torch
 
 from saebench_poly.inputs import Inputs
 from saebench_poly.metrics import EntryBatch
-from saebench_poly.metrics.behaviours import connected_components, cosine_similarities, unit_behaviours
+from saebench_poly.metrics.behaviours import NullCosines, connected_components, cosine_similarities, unit_behaviours
 from saebench_poly.metrics.examples import ExampleSelector, example_keys
 from saebench_poly.metrics.polysemanticity import Polysemanticity, PolysemanticityOptions
 from saebench_poly.models import Batch, ModelConfig
@@ -208,6 +208,24 @@ def codes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     context = torch.arange(240).repeat_interleave(5)
     position = torch.arange(5).repeat(240)
     return z, context, position
+
+
+def test_the_null_cut_is_the_quantile_of_the_units_own_null_cosines() -> None:
+    """`NullCosines.cut` against its definition: the quantiles of cos(D_a ⊙ w_u, D_b ⊙ w_u) over the pairs a < b,
+    with a zero embedding (a null token whose deviation is zero on the unit's weights) at cosine 0."""
+    generator = torch.Generator().manual_seed(3)
+    deviations = torch.randn(20, 12, dtype=torch.float64, generator=generator)
+    deviations[4] = 0.0  # a null token at the centre
+    weight = torch.randn(5, 12, dtype=torch.float64, generator=generator)
+    weight[1, :6] = 0.0
+    deviations[7, 6:] = 0.0  # zero on unit 1's weights
+    quantiles = (0.9, 0.5, 0.99)
+    embeddings = deviations[None] * weight[:, None, :]
+    cosines = cosine_similarities(embeddings, torch.ones(embeddings.shape[:2], dtype=torch.bool))
+    first, second = torch.triu_indices(20, 20, offset=1)
+    expected = cosines[:, first, second].quantile(torch.tensor(quantiles, dtype=torch.float64), dim=1).T
+    torch.testing.assert_close(NullCosines(deviations).cut(weight, quantiles), expected, rtol=0, atol=1e-12)
+    assert cosines[1, 7, 3] == 0 and cosines[0, 4, 2] == 0
 
 
 def test_example_keys_are_splitmix64() -> None:

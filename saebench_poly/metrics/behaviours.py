@@ -3,7 +3,7 @@
 Two rules group one unit's n examples (embeddings e_1..e_n, similarity s_ij = cos(e_i, e_j)); both give a
 partition of the examples, the unit's behaviours, and a cut below which nothing is joined:
 
-- ``average_null`` (the default, `average_linkage` and `null_cut`): agglomerative average linkage (UPGMA: join the
+- ``average_null`` (the default, `average_linkage` and `NullCosines`): agglomerative average linkage (UPGMA: join the
   two groups whose mean pairwise similarity is largest, while it exceeds the cut), the cut referenced to the unit's
   own null, the cosines between its embeddings on a seeded sample of ordinary scored tokens: c_u(q) = the
   q-quantile of those cosines. A mean over every cross pair must exceed the cut, so a few bridging pairs do not join
@@ -78,17 +78,33 @@ def maximum_spanning_weights(similarity: torch.Tensor, valid: torch.Tensor) -> t
     return torch.stack(weights, dim=1)
 
 
-def null_cut(null_embeddings: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
-    """``[U, len(quantiles)]``: c_u(q) = the q-quantile of the cosines between the unit's embeddings of distinct null
-    tokens ``[U, m, d]`` (over the m (m - 1) / 2 pairs, linear interpolation): a join must beat all but a share 1 - q
-    of the similarities of unrelated inputs seen through the unit's own weights."""
-    m = null_embeddings.shape[1]
-    similarity = cosine_similarities(null_embeddings, torch.ones(null_embeddings.shape[:2], dtype=torch.bool,
-                                                                 device=null_embeddings.device))
-    upper = torch.triu_indices(m, m, offset=1, device=similarity.device)
-    pairs = similarity[:, upper[0], upper[1]]
-    wanted = torch.tensor(list(quantiles), dtype=similarity.dtype, device=similarity.device)
-    return pairs.quantile(wanted, dim=1).T
+class NullCosines:
+    """The cut c_u(q) of any units from the null tokens that they share: the q-quantile of the cosines between the
+    unit's embeddings of distinct null tokens, e_a = D_a ⊙ w_u for the tokens' deviations D ``[m, d]`` (over the
+    m (m - 1) / 2 pairs, linear interpolation): a join must beat all but a share 1 - q of the similarities of
+    unrelated inputs seen through the unit's own weights.
+
+    cos_u(a, b) = sum_k D_ak D_bk w_uk^2 / (||D_a ⊙ w_u|| ||D_b ⊙ w_u||) (0 where either embedding is zero), so for
+    a chunk of units it is two matrix products with their squared weights, against the pairs' elementwise products
+    ``[m (m - 1) / 2, d]`` and the squared deviations ``[m, d]``, formed once: the ``[U, m, d]`` embeddings are
+    never built."""
+
+    def __init__(self, deviations: torch.Tensor) -> None:
+        deviations = deviations.to(torch.float64)
+        m = deviations.shape[0]
+        self.first, self.second = torch.triu_indices(m, m, offset=1, device=deviations.device)
+        self.products = deviations[self.first] * deviations[self.second]
+        self.squares = deviations.square()
+
+    def cut(self, weight: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
+        """``[U, len(quantiles)]``: c_u(q) of the units whose input weights are ``weight`` ``[U, d]``."""
+        squared = weight.to(torch.float64).square()
+        norms = (squared @ self.squares.T).sqrt()
+        denominator = norms[:, self.first] * norms[:, self.second]
+        dots = squared @ self.products.T
+        cosines = torch.where(denominator > 0, dots / denominator.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        wanted = torch.tensor(list(quantiles), dtype=torch.float64, device=weight.device)
+        return cosines.quantile(wanted, dim=1).T
 
 
 def average_linkage(similarity: torch.Tensor, valid: torch.Tensor, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,10 +179,10 @@ COMPONENTS, AVERAGE_NULL = "components", "average_null"
 
 
 def unit_behaviours(embeddings: torch.Tensor, valid: torch.Tensor, rule: str, cuts: Sequence[float],
-                    null_embeddings: torch.Tensor | None = None) -> Behaviours:
+                    null: tuple[NullCosines, torch.Tensor] | None = None) -> Behaviours:
     """The behaviours of a chunk of units from their examples' embeddings ``[U, n, d]`` (``valid`` ``[U, n]``) by
     ``rule`` (module docstring) at ``cuts[0]``, with K at every cut: taus for ``components``, null quantiles for
-    ``average_null``, which also takes the units' embeddings of the null tokens ``[U, m, d]``."""
+    ``average_null``, which also takes the null tokens and the units' input weights ``(NullCosines, [U, d])``."""
     units, n = valid.shape
     similarity = cosine_similarities(embeddings, valid)
     pair = valid[:, :, None] & valid[:, None, :]
@@ -178,9 +194,10 @@ def unit_behaviours(embeddings: torch.Tensor, valid: torch.Tensor, rule: str, cu
         heights = maximum_spanning_weights(similarity, valid)
         labels = connected_components((similarity > cut[:, :1, None]) & pair)
     elif rule == AVERAGE_NULL:
-        if null_embeddings is None:
-            raise ValueError("the average_null rule needs the units' embeddings of the null tokens")
-        cut = null_cut(null_embeddings, cuts)
+        if null is None:
+            raise ValueError("the average_null rule needs the null tokens and the units' weights")
+        null_cosines, weight = null
+        cut = null_cosines.cut(weight, cuts)
         labels, heights = average_linkage(similarity, valid, cut[:, 0])
     else:
         raise ValueError(f"unknown behaviour rule {rule!r}: use {AVERAGE_NULL!r} or {COMPONENTS!r}")

@@ -82,7 +82,7 @@ from saebench_poly.metrics.base import (
     WindowRequest,
     Windows,
 )
-from saebench_poly.metrics.behaviours import AVERAGE_NULL, COMPONENTS, Behaviours, unit_behaviours
+from saebench_poly.metrics.behaviours import AVERAGE_NULL, COMPONENTS, Behaviours, NullCosines, unit_behaviours
 from saebench_poly.metrics.examples import Examples, ExampleSelector, example_keys
 from saebench_poly.models.base import UnitInputs
 
@@ -450,27 +450,25 @@ def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: 
     # average_null reads every input as its deviation from the null tokens' coordinate-wise median input (`centre`)
     null_rows = rows_of(group.null_index).to(torch.float64) if null else None
     centre = null_rows.quantile(0.5, dim=0) if null and m else 0.0
-    null_deviations = null_rows - centre if null else None
+    null_cosines = NullCosines(null_rows - centre) if null else None
     for rows in _chunks_by_count(count, inputs.weight.shape[1], m):
         n = int(count[rows[-1]])
         weight = inputs.weight[start + rows].to(torch.float64)
         embeddings = (rows_of(group.index[rows, :n]).to(torch.float64) - centre) * weight[:, None, :]
-        null_embeddings = null_deviations * weight[:, None, :] if null else None
         _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], options.rule, options.cuts,
-                                                  null_embeddings))
+                                                  (null_cosines, weight) if null else None))
 
 
 def _chunks_by_count(count: torch.Tensor, d_h: int, null_tokens: int = 0) -> list[torch.Tensor]:
     """The positions of the units with examples, by increasing count, cut into chunks of U units with n = the
-    chunk's largest count such that U (n + m) (2 d_h + 8 (n + m)) float64 values fit `CHUNK_BYTES` (at least one
-    unit; m = the null tokens)."""
+    chunk's largest count such that U (n (2 d_h + 8 n) + 2 m^2) float64 values fit `CHUNK_BYTES` (at least one
+    unit; m = the null tokens, whose m (m - 1) / 2 cosines a unit needs three times: `NullCosines.cut`)."""
     order = torch.argsort(count, stable=True)
     order = order[count[order] > 0]
     counts = count[order].tolist()
 
     def fits(n: int) -> int:
-        rows = n + null_tokens
-        return max(1, CHUNK_BYTES // (8 * rows * (2 * d_h + 8 * rows)))
+        return max(1, CHUNK_BYTES // (8 * (n * (2 * d_h + 8 * n) + 2 * null_tokens**2)))
 
     chunks, first = [], 0
     while first < len(counts):
