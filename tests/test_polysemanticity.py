@@ -14,7 +14,13 @@ import torch
 
 from saebench_poly.inputs import Inputs
 from saebench_poly.metrics import EntryBatch
-from saebench_poly.metrics.behaviours import NullCosines, connected_components, cosine_similarities, unit_behaviours
+from saebench_poly.metrics.behaviours import (
+    NullCosines,
+    connected_components,
+    cosine_similarities,
+    row_quantiles,
+    unit_behaviours,
+)
 from saebench_poly.metrics.examples import ExampleSelector, example_keys
 from saebench_poly.metrics.polysemanticity import Polysemanticity, PolysemanticityOptions
 from saebench_poly.models import Batch, ModelConfig
@@ -226,6 +232,16 @@ def test_the_null_cut_is_the_quantile_of_the_units_own_null_cosines() -> None:
     expected = cosines[:, first, second].quantile(torch.tensor(quantiles, dtype=torch.float64), dim=1).T
     torch.testing.assert_close(NullCosines(deviations).cut(weight, quantiles), expected, rtol=0, atol=1e-12)
     assert cosines[1, 7, 3] == 0 and cosines[0, 4, 2] == 0
+
+
+def test_row_quantiles_are_torchs_quantiles() -> None:
+    generator = torch.Generator().manual_seed(4)
+    values = torch.rand(7, 301, dtype=torch.float64, generator=generator)
+    values[2, :150] = 0.5  # ties
+    values[5, 3] = torch.nan
+    quantiles = (0.9, 0.0, 0.5, 0.999, 1.0)
+    expected = values.quantile(torch.tensor(quantiles, dtype=torch.float64), dim=1).T
+    torch.testing.assert_close(row_quantiles(values, quantiles), expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_example_keys_are_splitmix64() -> None:

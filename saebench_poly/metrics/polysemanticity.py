@@ -450,25 +450,28 @@ def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: 
     # average_null reads every input as its deviation from the null tokens' coordinate-wise median input (`centre`)
     null_rows = rows_of(group.null_index).to(torch.float64) if null else None
     centre = null_rows.quantile(0.5, dim=0) if null and m else 0.0
-    null_cosines = NullCosines(null_rows - centre) if null else None
-    for rows in _chunks_by_count(count, inputs.weight.shape[1], m):
+    chunks = _chunks_by_count(count, inputs.weight.shape[1])
+    if null and chunks:  # the cuts of every unit with examples at once (they depend on its weights alone)
+        ordered = torch.cat(chunks)
+        cuts = torch.empty((len(count), len(options.cuts)), dtype=torch.float64, device=count.device)
+        cuts[ordered] = NullCosines(null_rows - centre).cut(inputs.weight[start + ordered], options.cuts)
+    for rows in chunks:
         n = int(count[rows[-1]])
         weight = inputs.weight[start + rows].to(torch.float64)
         embeddings = (rows_of(group.index[rows, :n]).to(torch.float64) - centre) * weight[:, None, :]
         _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], options.rule, options.cuts,
-                                                  (null_cosines, weight) if null else None))
+                                                  cuts[rows] if null else None))
 
 
-def _chunks_by_count(count: torch.Tensor, d_h: int, null_tokens: int = 0) -> list[torch.Tensor]:
+def _chunks_by_count(count: torch.Tensor, d_h: int) -> list[torch.Tensor]:
     """The positions of the units with examples, by increasing count, cut into chunks of U units with n = the
-    chunk's largest count such that U (n (2 d_h + 8 n) + 2 m^2) float64 values fit `CHUNK_BYTES` (at least one
-    unit; m = the null tokens, whose m (m - 1) / 2 cosines a unit needs three times: `NullCosines.cut`)."""
+    chunk's largest count such that U n (2 d_h + 8 n) float64 values fit `CHUNK_BYTES` (at least one unit)."""
     order = torch.argsort(count, stable=True)
     order = order[count[order] > 0]
     counts = count[order].tolist()
 
     def fits(n: int) -> int:
-        return max(1, CHUNK_BYTES // (8 * (n * (2 * d_h + 8 * n) + 2 * null_tokens**2)))
+        return max(1, CHUNK_BYTES // (8 * n * (2 * d_h + 8 * n)))
 
     chunks, first = [], 0
     while first < len(counts):
