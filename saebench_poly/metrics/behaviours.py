@@ -90,20 +90,21 @@ class NullCosines:
     unrelated inputs seen through the unit's own weights.
 
     cos_u(a, b) = sum_k D_ak D_bk w_uk^2 / (||D_a ⊙ w_u|| ||D_b ⊙ w_u||) (0 where either embedding is zero), so for
-    a chunk of units it is two matrix products with their squared weights, against the pairs' elementwise products
-    ``[m (m - 1) / 2, d]`` and the squared deviations ``[m, d]``, formed once: the ``[U, m, d]`` embeddings are
-    never built."""
+    a slab of units it is two matrix products of their squared weights, with the squared deviations ``[m, d]`` and
+    with the pairs' elementwise products D_a ⊙ D_b ``[m (m - 1) / 2, d]`` (formed once: 100 MB of float64 at
+    m = 128, d = 1,536): the ``[U, m, d]`` embeddings are never built."""
 
     def __init__(self, deviations: torch.Tensor) -> None:
         deviations = deviations.to(torch.float64)
         m = deviations.shape[0]
         self.first, self.second = torch.triu_indices(m, m, offset=1, device=deviations.device)
-        self.products = deviations[self.first] * deviations[self.second]
+        # pairs (a, b > a) in the order of triu_indices, row by row: slices, not a gather
+        self.products = torch.cat([deviations[a] * deviations[a + 1 :] for a in range(m - 1)])
         self.squares = deviations.square()
 
     def cut(self, weight: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
         """``[U, len(quantiles)]``: c_u(q) of the units whose input weights are ``weight`` ``[U, d]``, in slabs of
-        `NULL_SLAB` units (each slab reads the pairs' products once)."""
+        `NULL_SLAB` units."""
         return torch.cat([self._cut(slab, quantiles) for slab in weight.split(NULL_SLAB)])
 
     def _cut(self, weight: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
