@@ -107,7 +107,8 @@ class Reconstruction(Accumulator):
         # what depends on x alone is computed once per batch for all the entries at the hook
         x, x_norm, mean_b, m2_b = batch.per_hook("reconstruction", _input_statistics)
         x_hat = batch.x_hat.detach().to(torch.float64)
-        error_squared = (x - x_hat).square().sum(dim=1)
+        error = x - x_hat
+        error_squared = torch.linalg.vecdot(error, error)  # one pass, no squared copy
         self.squared_error += float(error_squared.sum())
         self._merge_moments(n, mean_b, m2_b)
         keep = x_norm > 0
