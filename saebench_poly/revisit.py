@@ -66,6 +66,8 @@ def revisit_accumulators(adapter: ModelAdapter, accumulators: Sequence[Accumulat
                 except StopIteration:
                     if progress:
                         progress(1)
+            # this round's stores go before the next round reads its own: two rounds never hold rows at once
+            answers = rows = None
             asking = still
 
 
