@@ -206,7 +206,6 @@ class EntryBatch:
     downstream: DownstreamBatch | None = None
     shared: dict[str, Any] = field(default_factory=dict, repr=False)
     _firing_counts: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _active_count: int | None = field(default=None, init=False, repr=False)
     _active_entries: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def per_hook(self, key: str, compute: Callable[[torch.Tensor], Any]) -> Any:
@@ -224,15 +223,9 @@ class EntryBatch:
             self._firing_counts = active_counts(self.z.detach())
         return self._firing_counts
 
-    def active_count(self) -> int:
-        """How many entries of ``z`` are non-zero: the sum of `firing_counts`."""
-        if self._active_count is None:
-            self._active_count = int(self.firing_counts().sum())
-        return self._active_count
-
     def is_sparse(self) -> bool:
-        """Whether at most `SPARSE_FRACTION` of ``z``'s entries are non-zero."""
-        return self.active_count() <= self.z.numel() * SPARSE_FRACTION
+        """Whether at most `SPARSE_FRACTION` of ``z``'s entries are non-zero (from `firing_counts`)."""
+        return int(self.firing_counts().sum()) <= self.z.numel() * SPARSE_FRACTION
 
     def active_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, units)``: the indices of ``z``'s non-zero entries, row by row and in increasing unit order

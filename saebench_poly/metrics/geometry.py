@@ -284,8 +284,10 @@ class CodeGeometry(Accumulator):
             self.covariance.merge_dense(batch.per_hook("moments", lambda x: Moments.of(x.detach())))
             return
         z = batch.z.detach()
-        if self.exact:
-            self.covariance.update(z, batch.active_entries() if batch.is_sparse() else None)
+        if self.exact and batch.is_sparse():
+            self.covariance.update(z, batch.active_entries())
+        elif self.exact:  # the batch has counted its active entries: no second count in `update`
+            self.covariance.dense.update(z)
         else:
             self.sample.update(z, batch.first_token)
 
