@@ -43,7 +43,11 @@ def main() -> None:
             print(f"trained {truth.save_trained(truth.train_synthetic_sae(training), training)}")
     rows = [truth.incidental_row(truth.incidental_case(options=options)), truth.exclusive_case(options=options).row()]
     data = truth.synthetic_data(samples=args.samples)
-    rows += [score.row() for score in truth.synthetic_case(data, truth.trained_saes(), options)]
+    scores = truth.synthetic_case(data, truth.trained_saes(), options)
+    rows += [score.row() for score in scores]
+    saes = ["oracle", *(training.name for training in truth.TRAINED)]
+    rows += [truth.pooled_row(scores, "pooled: oracle and trained SAEs", saes),
+             truth.pooled_row(scores, "pooled: and random-init, rotation", [*saes, "random-init", "random rotation"])]
     table = pd.DataFrame(rows)
     print(f"rule: {options.describe_rule()}; synthetic: {truth.SYNTHETIC_FEATURES} features in d = {truth.SYNTHETIC_DIM}, {args.samples} samples")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep=""))

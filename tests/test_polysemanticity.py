@@ -16,6 +16,7 @@ from saebench_poly.inputs import Inputs
 from saebench_poly.metrics import EntryBatch
 from saebench_poly.metrics.behaviours import (
     NullCosines,
+    average_linkage,
     connected_components,
     cosine_similarities,
     row_quantiles,
@@ -533,6 +534,61 @@ def test_behaviours_at_every_tau_of_a_sweep_are_the_components_of_each_graph() -
         expected = ((labels == torch.arange(30)) & valid).sum(dim=1)
         assert result.n_behaviours[:, i].tolist() == expected.tolist()
     assert result.n_behaviours[:2, 0].tolist() == [0, 1] and len(set(result.n_behaviours[2:, 3].tolist())) > 1
+
+
+def test_average_linkage_without_the_split_is_scipys_upgma_cut_at_every_cut() -> None:
+    hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
+    from scipy.spatial.distance import squareform
+
+    generator = torch.Generator().manual_seed(3)
+    embeddings = torch.randn(5, 24, 6, generator=generator) + torch.randn(5, 1, 6, generator=generator)
+    valid = torch.ones(5, 24, dtype=torch.bool)
+    valid[4, 17:] = False  # fewer examples in one unit
+    similarity = cosine_similarities(embeddings, valid)
+    cuts = torch.tensor([0.2, -0.2, 0.0, 0.4, 0.6]).expand(5, -1)
+    labels, n_groups = average_linkage(similarity, valid, cuts)
+    for unit in range(5):
+        n = int(valid[unit].sum())
+        distance = (1 - similarity[unit, :n, :n]).clamp_min(0).fill_diagonal_(0).numpy()
+        tree = hierarchy.linkage(squareform(distance, checks=False), method="average")
+        for column, cut in enumerate(cuts[unit].tolist()):
+            expected = hierarchy.fcluster(tree, t=1 - cut, criterion="distance")
+            assert n_groups[unit, column] == len(set(expected))
+            if column == 0:  # the same partition, not only the same count
+                ours = labels[unit, :n].numpy()
+                assert len({(a, b) for a, b in zip(ours, expected, strict=True)}) == len(set(expected))
+
+
+def absorbed_pair(sizes: tuple[int, int], between: float, d: int = 400, seed: int = 0) -> torch.Tensor:
+    """Examples of two behaviours whose signals s_A, s_B (unit norm, cos(s_A, s_B) = ``between``) each carry half of
+    an example's energy, the rest being noise: within a behaviour cos ~ 0.5, between them ~ 0.5 ``between``."""
+    generator = torch.Generator().manual_seed(seed)
+    a, b = torch.linalg.qr(torch.randn(d, 2, generator=generator))[0].T
+    signals = [a, between * a + (1 - between**2) ** 0.5 * b]
+    rows = [signal + torch.randn(size, d, generator=generator) / d**0.5 for signal, size in zip(signals, sizes, strict=True)]
+    return torch.cat(rows)[None]
+
+
+def test_the_split_separates_two_behaviours_that_resemble_each_other_less_than_themselves() -> None:
+    cut = torch.tensor([[0.1]])  # both pairs of behaviours are far above it
+
+    def groups(embeddings: torch.Tensor, ratio: float, size: int = 2) -> int:
+        valid = torch.ones(embeddings.shape[:2], dtype=torch.bool)
+        similarity = cosine_similarities(embeddings, valid)
+        return int(average_linkage(similarity, valid, cut, ratio, torch.tensor([size]))[1][0, 0])
+
+    absorbed = absorbed_pair((30, 20), between=0.6)  # within ~0.5, between ~0.3: two absorbed features
+    one = absorbed_pair((50, 0), between=0.6)
+    assert groups(absorbed, 0.0) == 1 and groups(absorbed, 0.7) == 2  # the null cut alone joins them; the split not
+    assert groups(one, 0.7) == 1  # a single behaviour is not split
+    assert groups(absorbed, 0.7, size=21) == 1  # a side smaller than the split size stays joined
+    assert groups(absorbed_pair((30, 20), between=0.9), 0.7) == 1  # alike enough: one behaviour
+    # through unit_behaviours: its split size is the share of the unit's examples (at least 2)
+    valid = torch.ones(1, 50, dtype=torch.bool)
+    result = unit_behaviours(absorbed, valid, "average_null", [0.9], cut, split_ratio=0.7, split_share=0.1)
+    assert result.n_behaviours[0, 0] == 2 and sorted(result.sizes[0, :2].tolist()) == [20, 30]
+    assert unit_behaviours(absorbed, valid, "average_null", [0.9], cut, split_ratio=0.7,
+                           split_share=0.5).n_behaviours[0, 0] == 1
 
 
 def test_options_are_validated_with_the_key_named() -> None:

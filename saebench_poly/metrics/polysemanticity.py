@@ -27,7 +27,10 @@ exceeds the ``null_quantile`` (0.9) quantile of the cosines between u's embeddin
 tokens, a seeded uniform sample of the scored tokens (`NullSample`), every embedding taken of the input's deviation
 from the null tokens' coordinate-wise median input m (e_u(c) = (h(c, t*) - m) ⊙ w_u, whose sum is the
 pre-activation less w_u . m + b_u): a constant offset of the unit's inputs (an SAE whose b_dec is not the data's
-centre) would otherwise be shared by every embedding and raise every cosine alike; ``components`` (Foote's rule, his
+centre) would otherwise be shared by every embedding and raise every cosine alike; and a group so formed is split
+in two, top-down along its tree, where its halves A and B resemble each other less than they resemble themselves:
+mean cos(A, B) < ``split_ratio`` (0.7) x sqrt(w(A) w(B)), w the mean cosine within a half, both halves holding at
+least ``split_share`` (0.1) of the examples and two (latents that absorb two features); ``components`` (Foote's rule, his
 embedding as it is) takes the connected components of the graph with an edge where cos > ``tau``. With n = the
 number of examples and p_k = |behaviour k| / n:
 
@@ -96,6 +99,11 @@ DEFAULT_RULE = AVERAGE_NULL
 NULL_QUANTILE = 0.9
 NULL_QUANTILE_SWEEP = (0.5, 0.8, 0.95, 0.98, 0.99, 0.999)
 NULL_TOKENS = 128
+# A behaviour of the null cut is split in two where its halves resemble each other less than SPLIT_RATIO x how much
+# each resembles itself, each half holding at least SPLIT_SHARE of the unit's examples (and two)
+# (`saebench_poly.metrics.behaviours.average_linkage`).
+SPLIT_RATIO = 0.7
+SPLIT_SHARE = 0.1
 # Foote's fixed-threshold rule, kept so that his numbers can be reproduced (0.975 was the best tau on the 8-d toy of
 # superposition; it saturates in wider spaces: README).
 DEFAULT_TAU = 0.975
@@ -126,6 +134,8 @@ class PolysemanticityOptions(BaseModel):
     null_quantile: float = Field(NULL_QUANTILE, ge=0, le=1)
     null_quantile_sweep: tuple[float, ...] = NULL_QUANTILE_SWEEP
     null_tokens: int = Field(NULL_TOKENS, ge=2)
+    split_ratio: float = Field(SPLIT_RATIO, ge=0)
+    split_share: float = Field(SPLIT_SHARE, ge=0, le=1)
     tau: float = Field(DEFAULT_TAU, ge=-1, lt=1)
     tau_sweep: tuple[float, ...] = TAU_SWEEP
     activation_fraction: float = Field(0.75, gt=0, le=1)
@@ -155,7 +165,8 @@ class PolysemanticityOptions(BaseModel):
         """The rule and its parameters, in words, as the per-unit table records it with every number."""
         if self.rule == COMPONENTS:
             return f"components(cos > tau={self.tau:g})"
-        return f"average_null(q={self.null_quantile:g}, null_tokens={self.null_tokens}, centred at their median)"
+        return (f"average_null(q={self.null_quantile:g}, null_tokens={self.null_tokens}, centred at their median, "
+                f"split_ratio={self.split_ratio:g}, split_share={self.split_share:g})")
 
 
 class Polysemanticity(Accumulator):
@@ -163,19 +174,19 @@ class Polysemanticity(Accumulator):
     metrics. Foote 2024, arXiv 2411.08166."""
 
     metrics = (
-        MetricSpec("mean_effective_behaviours", 3, "lower", "polysemanticity",
+        MetricSpec("mean_effective_behaviours", 4, "lower", "polysemanticity",
                    "mean over units with enough examples (and not too weak) of exp(H(behaviour sizes)), the behaviours "
                    "of their examples' neuron embeddings by the rule of behaviour_rule (Foote 2024)", bounds=(1, math.inf)),
-        MetricSpec("median_effective_behaviours", 3, "lower", "polysemanticity",
+        MetricSpec("median_effective_behaviours", 4, "lower", "polysemanticity",
                    "median over units with enough examples of exp(H(behaviour sizes))", bounds=(1, math.inf)),
-        MetricSpec("mean_behaviours", 3, "lower", "polysemanticity",
+        MetricSpec("mean_behaviours", 4, "lower", "polysemanticity",
                    "mean over units with enough examples of K, the number of behaviours", bounds=(1, math.inf)),
-        MetricSpec("median_behaviours", 3, "lower", "polysemanticity",
+        MetricSpec("median_behaviours", 4, "lower", "polysemanticity",
                    "median over units with enough examples of K", bounds=(1, math.inf)),
-        MetricSpec("mean_largest_behaviour_share", 3, "higher", "polysemanticity",
+        MetricSpec("mean_largest_behaviour_share", 4, "higher", "polysemanticity",
                    "mean over units with enough examples of the largest behaviour's share of the examples",
                    bounds=(0, 1)),
-        MetricSpec("monosemantic_fraction", 3, "higher", "polysemanticity",
+        MetricSpec("monosemantic_fraction", 4, "higher", "polysemanticity",
                    "fraction of all units with enough examples, not too weak, and K = 1", bounds=(0, 1)),
         MetricSpec("too_few_examples_fraction", 2, "lower", "polysemanticity",
                    "fraction of units with fewer characteristic examples than min_examples (dead or nearly dead)",
@@ -183,7 +194,7 @@ class Polysemanticity(Accumulator):
         MetricSpec("too_weak_fraction", 1, "lower", "polysemanticity",
                    "fraction of units whose maximum is below weak_fraction x the 0.99 quantile of the entry's unit "
                    "maxima (units that carry almost nothing)", bounds=(0, 1)),
-        MetricSpec("saturated_fraction", 2, "lower", "polysemanticity",
+        MetricSpec("saturated_fraction", 3, "lower", "polysemanticity",
                    "fraction of the units with enough examples whose K equals their example count (every example "
                    "its own behaviour: the rule resolves nothing)", bounds=(0, 1)),
     )
@@ -460,7 +471,8 @@ def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: 
         weight = inputs.weight[start + rows].to(torch.float64)
         embeddings = (rows_of(group.index[rows, :n]).to(torch.float64) - centre) * weight[:, None, :]
         _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], options.rule, options.cuts,
-                                                  cuts[rows] if null else None))
+                                                  cuts[rows] if null else None, options.split_ratio,
+                                                  options.split_share))
 
 
 def _chunks_by_count(count: torch.Tensor, d_h: int) -> list[torch.Tensor]:

@@ -150,6 +150,16 @@ class EntryScore:
         return row
 
 
+def pooled_row(scores: Sequence[EntryScore], name: str, entries: Sequence[str]) -> dict[str, Any]:
+    """One line for the units of ``entries`` pooled: those with enough examples and a true count, their share with
+    K = truth and Spearman(K, truth) over all of them."""
+    known = pd.concat([score.units[(score.units["poly_status"] == OK) & (score.units["truth"] >= 1)]
+                       for score in scores if score.entry in entries])
+    return {"case": scores[0].case, "entry": name, "with_truth": len(known),
+            "K=truth": float((known["n_behaviours"] == known["truth"]).mean()),
+            "spearman": spearman(known["n_behaviours"].to_numpy(float), known["truth"].to_numpy(float))}
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
     if len(a) < 2:
