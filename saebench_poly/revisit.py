@@ -31,6 +31,7 @@ from saebench_poly.metrics.base import (
     Windows,
 )
 from saebench_poly.models.base import Batch, ModelAdapter
+from saebench_poly.row_spill import SpilledRows, row_store
 
 
 def revisit(adapter: ModelAdapter, scored: list[ScoredEntry], contexts: ScoredContexts,
@@ -130,7 +131,7 @@ class _RowStores:
                 self.index[i] = inverse[lo:hi]
         self.devices = {request.inputs.hook: request.inputs.weight.device for request in reversed(requests)}
         # the stores: by hook, or by request for requests that read no hook
-        self.stores: dict[str | int, torch.Tensor] = {}
+        self.stores: dict[str | int, torch.Tensor | SpilledRows] = {}
         self.filled: dict[str | int, int] = {}
 
     def read(self, indices: torch.Tensor, batch: Batch, activations: dict[str, torch.Tensor]) -> None:
@@ -149,9 +150,10 @@ class _RowStores:
         local = torch.searchsorted(indices, context[lo:hi]).to(h.device)
         if key not in self.stores:
             device = self.devices[key] if isinstance(key, str) else self.requests[key].inputs.weight.device
-            self.stores[key] = torch.empty((context.numel(), *h.shape[2:]), dtype=h.dtype, device=device)
+            self.stores[key] = row_store(context.numel(), tuple(h.shape[2:]), h.dtype, device)
             self.filled[key] = 0
-        self.stores[key][lo:hi] = h[local, position[lo:hi].to(h.device)].to(self.stores[key].device)
+        store = self.stores[key]
+        store[lo:hi] = h[local, position[lo:hi].to(h.device)].to(store.device)
         self.filled[key] += hi - lo
 
     def result(self) -> list[Rows]:

@@ -263,6 +263,29 @@ def test_selection_is_the_definition_whatever_the_batch_size_and_order(codes) ->
     assert streamed_sample(z, context, position, 0.75, 10, 4, 7) != reference  # another seed, another sample
 
 
+def test_pruning_the_store_unit_by_unit_changes_nothing(codes, monkeypatch) -> None:
+    from saebench_poly.metrics import examples
+
+    z, context, position = codes
+    reference = streamed_sample(z, context, position, 0.75, 10, 3, 1)
+    monkeypatch.setattr(examples, "PRUNE_CHUNK", 1)  # one unit per chunk
+    assert streamed_sample(z, context, position, 0.75, 10, 3, 1) == reference
+    # and the pruned store itself, column by column
+    selector = ExampleSelector(z.shape[1], 0.75, 10, 3)
+    selector._pruned_capacity = 10**9  # no pruning while fed
+    selector.update(z, context, position)
+    stores = []
+    for chunk in (1, 10**9):
+        copy = ExampleSelector(z.shape[1], 0.75, 10, 3)
+        for name in ("maximum", "key", "context", "position", "activation"):
+            setattr(copy, name, getattr(selector, name).clone())
+        monkeypatch.setattr(examples, "PRUNE_CHUNK", chunk)
+        copy._prune(copy._threshold())
+        stores.append([copy.key, copy.context, copy.position, copy.activation])
+    assert stores[0][0].shape[1] < selector.key.shape[1]  # it pruned
+    assert all(torch.equal(a, b) for a, b in zip(*stores, strict=True))
+
+
 # --- behaviours on known answers ------------------------------------------------------------------------------------
 
 
@@ -674,6 +697,15 @@ def test_entries_at_one_hook_share_each_forward_of_the_re_run_and_grouping_chang
     monkeypatch.setattr("saebench_poly.metrics.polysemanticity.CACHE_BYTES", 1)
     grouped_forwards, _, grouped = revisited_together()
     assert grouped_forwards > 2 * forwards  # a round per group of one unit
-    for frames in (alone, grouped):
+    monkeypatch.undo()
+    from saebench_poly import row_spill
+
+    reads = []
+    read = row_spill.SpilledRows.__getitem__
+    monkeypatch.setattr(row_spill.SpilledRows, "__getitem__", lambda self, index: reads.append(1) or read(self, index))
+    monkeypatch.setattr(row_spill, "SPILL_BYTES", 0)  # every store of rows in a file
+    _, _, spilled = revisited_together()
+    assert reads
+    for frames in (alone, grouped, spilled):
         for mine, theirs in zip(together, frames, strict=True):
             pd.testing.assert_frame_equal(mine, theirs)

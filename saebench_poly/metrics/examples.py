@@ -36,6 +36,9 @@ from dataclasses import dataclass
 import torch
 
 PAD_KEY = 2**63 - 1
+# Candidates (units x store columns) that one chunk of a pruning handles at once: its sorts and masks take a few
+# times this many int64 values, however large the store.
+PRUNE_CHUNK = 1 << 20
 _NO_POSITION = 2**62
 
 
@@ -64,6 +67,15 @@ def example_keys(seed: int, units: torch.Tensor, contexts: torch.Tensor) -> torc
     """k_u(c) = splitmix64(splitmix64(splitmix64(seed) + u) + c) >> 2: uniform in [0, 2^62), int64, on any device."""
     base = _mix64(torch.tensor(_as_signed(seed), dtype=torch.int64, device=units.device))
     return _shift_right(_mix64(_mix64(base + units.to(torch.int64)) + contexts.to(torch.int64)), 2)
+
+
+def _padded(values: torch.Tensor, columns: int, pad: float | int) -> torch.Tensor:
+    """``values`` ``[rows, c]`` padded on the right with ``pad`` to ``columns`` (exact for int64 pads, which
+    `torch.nn.functional.pad` passes through a float)."""
+    if values.shape[1] == columns:
+        return values
+    fill = torch.full((values.shape[0], columns - values.shape[1]), pad, dtype=values.dtype, device=values.device)
+    return torch.cat([values, fill], dim=1)
 
 
 @dataclass
@@ -167,27 +179,37 @@ class ExampleSelector:
             setattr(self, name, grown)
 
     def _prune(self, threshold: torch.Tensor) -> None:
-        """Rules 1 and 2 of the module docstring, then the kept candidates are packed to the left."""
-        valid = self.activation >= threshold[:, None]
-        activation = torch.where(valid, self.activation, -torch.inf)
-        key = torch.where(valid, self.key, PAD_KEY)
-        by_activation = torch.sort(activation, dim=1, descending=True, stable=True).indices
-        ranked_activation, ranked_key = activation.gather(1, by_activation), key.gather(1, by_activation)
+        """Rules 1 and 2 of the module docstring, then the kept candidates are packed to the left; in chunks of
+        units (`PRUNE_CHUNK` candidates at a time), so that its sorts and masks never span the whole store."""
+        rows = max(1, PRUNE_CHUNK // max(self.key.shape[1], 1))
+        parts = [self._prune_units(start, min(start + rows, self.width), threshold) for start in range(0, self.width, rows)]
+        kept = max((part[0].shape[1] for part in parts), default=0)
+        for index, (name, pad) in enumerate((("key", PAD_KEY), ("context", -1), ("position", 0), ("activation", -torch.inf))):
+            setattr(self, name, torch.cat([_padded(part[index], kept, pad) for part in parts]))
+            for part in parts:  # each chunk's copy goes once it is in the new store
+                part[index] = None
+
+    def _prune_units(self, start: int, stop: int, threshold: torch.Tensor) -> list[torch.Tensor]:
+        """Units [start, stop) pruned: their kept (key, context, position, activation), packed to the left."""
+        key, context, position, activation = (getattr(self, name)[start:stop] for name in ("key", "context", "position", "activation"))
+        valid = activation >= threshold[start:stop, None]
+        activation_valid = torch.where(valid, activation, -torch.inf)
+        key_valid = torch.where(valid, key, PAD_KEY)
+        by_activation = torch.sort(activation_valid, dim=1, descending=True, stable=True).indices
+        ranked_activation, ranked_key = activation_valid.gather(1, by_activation), key_valid.gather(1, by_activation)
         drop = ~valid
         most = int(valid.sum(dim=1).max()) if valid.numel() else 0
         rank = self.max_examples
         while rank <= most:
             kappa = ranked_key[:, :rank].kthvalue(self.max_examples, dim=1).values
-            drop |= (activation <= ranked_activation[:, rank - 1 : rank]) & (key > kappa[:, None])
+            drop |= (activation_valid <= ranked_activation[:, rank - 1 : rank]) & (key_valid > kappa[:, None])
             rank *= 2
         keep = ~drop
         kept = int(keep.sum(dim=1).max()) if keep.numel() else 0
         order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices[:, :kept]
         keep = keep.gather(1, order)
-        self.key = torch.where(keep, self.key.gather(1, order), PAD_KEY)
-        self.context = torch.where(keep, self.context.gather(1, order), -1)
-        self.position = torch.where(keep, self.position.gather(1, order), 0)
-        self.activation = torch.where(keep, self.activation.gather(1, order), -torch.inf)
+        return [torch.where(keep, key.gather(1, order), PAD_KEY), torch.where(keep, context.gather(1, order), -1),
+                torch.where(keep, position.gather(1, order), 0), torch.where(keep, activation.gather(1, order), -torch.inf)]
 
     def result(self, device: torch.device | None = None) -> Examples:
         """The exact sample (module docstring), once every batch has been fed."""

@@ -1,0 +1,55 @@
+"""Row stores of the re-run after the pass (`saebench_poly.revisit`) that live in a temporary file once they are
+large, so that the process's memory does not grow with the number of distinct example tokens.
+
+A store is ``[P, d]`` rows, written once in increasing row order, slice by slice, then read by any index. Below
+`SPILL_BYTES` (or on an accelerator) it is a tensor; above it on the CPU, a `SpilledRows`: an anonymous temporary
+file written with ``pwrite`` and read through a memory map that lives only for one read, so that only the rows a
+read asks for are ever resident in the process (the operating system's page cache, which it can drop, holds the
+rest). The values are the same bytes either way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+# Stores of more bytes than this go to a file when they are on the CPU.
+SPILL_BYTES = 2**28
+
+
+class SpilledRows:
+    """``[rows, *shape]`` values of ``dtype`` in an anonymous temporary file (module docstring)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, rows: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.shape = (rows, *shape)
+        self.dtype = dtype
+        self._numpy = torch.empty(0, dtype=dtype).numpy().dtype
+        self._row_bytes = int(np.prod(shape, dtype=np.int64)) * self._numpy.itemsize
+        self._file = tempfile.TemporaryFile(prefix="saebench-poly-rows-")
+        self._file.truncate(rows * self._row_bytes)
+
+    def __setitem__(self, rows: slice, values: torch.Tensor) -> None:
+        start = rows.start or 0
+        data = values.detach().to("cpu", self.dtype).contiguous().numpy()
+        os.pwrite(self._file.fileno(), data.tobytes(), start * self._row_bytes)
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        index = torch.as_tensor(index).cpu()
+        mapped = np.memmap(self._file, dtype=self._numpy, mode="r", shape=self.shape)
+        values = np.array(mapped[index.numpy()])  # a copy of the rows asked for
+        del mapped  # unmapped here: nothing else refers to it
+        return torch.from_numpy(values)
+
+
+def row_store(rows: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | SpilledRows:
+    """An empty store of ``rows`` rows: a tensor on ``device``, or a `SpilledRows` when it is on the CPU and
+    larger than `SPILL_BYTES`."""
+    size = rows * int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+    if torch.device(device).type == "cpu" and size > SPILL_BYTES:
+        return SpilledRows(rows, shape, dtype)
+    return torch.empty((rows, *shape), dtype=dtype, device=device)
