@@ -5,7 +5,8 @@ A store is ``[P, d]`` rows, written once in increasing row order, slice by slice
 `SPILL_BYTES` (or on an accelerator) it is a tensor; above it on the CPU, a `SpilledRows`: an anonymous temporary
 file written with ``pwrite`` and read through a memory map that lives only for one read, so that only the rows a
 read asks for are ever resident in the process (the operating system's page cache, which it can drop, holds the
-rest). The values are the same bytes either way.
+rest). The values are the same bytes either way. The file goes to the temporary folder (``TMPDIR``): mind that a
+tmpfs there is memory.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import tempfile
 import numpy as np
 import torch
 
+from saebench_poly.errors import UserError
+
 # Stores of more bytes than this go to a file when they are on the CPU.
-SPILL_BYTES = 2**28
+SPILL_BYTES = 2**25
 
 
 class SpilledRows:
@@ -30,13 +33,19 @@ class SpilledRows:
         self.dtype = dtype
         self._numpy = torch.empty(0, dtype=dtype).numpy().dtype
         self._row_bytes = int(np.prod(shape, dtype=np.int64)) * self._numpy.itemsize
-        self._file = tempfile.TemporaryFile(prefix="saebench-poly-rows-")
-        self._file.truncate(rows * self._row_bytes)
+        try:
+            self._file = tempfile.TemporaryFile(prefix="saebench-poly-rows-")
+            self._file.truncate(rows * self._row_bytes)
+        except OSError as err:
+            raise _no_room(err) from None
 
     def __setitem__(self, rows: slice, values: torch.Tensor) -> None:
         start = rows.start or 0
         data = values.detach().to("cpu", self.dtype).contiguous().numpy()
-        os.pwrite(self._file.fileno(), data.tobytes(), start * self._row_bytes)
+        try:
+            os.pwrite(self._file.fileno(), data.tobytes(), start * self._row_bytes)
+        except OSError as err:
+            raise _no_room(err) from None
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
         index = torch.as_tensor(index).cpu()
@@ -44,6 +53,11 @@ class SpilledRows:
         values = np.array(mapped[index.numpy()])  # a copy of the rows asked for
         del mapped  # unmapped here: nothing else refers to it
         return torch.from_numpy(values)
+
+
+def _no_room(err: OSError) -> UserError:
+    return UserError(f"cannot write the examples' rows to a temporary file in {tempfile.gettempdir()} ({err.strerror}): "
+                     "set TMPDIR to a folder with room")
 
 
 def row_store(rows: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | SpilledRows:

@@ -211,8 +211,16 @@ class ExampleSelector:
         return [torch.where(keep, key.gather(1, order), PAD_KEY), torch.where(keep, context.gather(1, order), -1),
                 torch.where(keep, position.gather(1, order), 0), torch.where(keep, activation.gather(1, order), -torch.inf)]
 
+    def release(self) -> None:
+        """Free the candidate store once the sample has been read (`result`): it grows with the log of the tokens
+        and is dead weight after the pass. The selector can then be fed and read no more."""
+        self.key = self.context = self.position = self.activation = None
+        self._released = True
+
     def result(self, device: torch.device | None = None) -> Examples:
         """The exact sample (module docstring), once every batch has been fed."""
+        if getattr(self, "_released", False):
+            raise RuntimeError("the selector's candidates were released: read its result before release()")
         if self.maximum is None:
             self._allocate(device or torch.device("cpu"))
         sample = self.max_examples

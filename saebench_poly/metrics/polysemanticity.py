@@ -243,6 +243,7 @@ class Polysemanticity(Accumulator):
 
     def _rounds(self, plan: PostPass) -> AfterPass:
         self.examples = self.selector.result(self.inputs.weight.device)
+        self.selector.release()  # its candidates are dead weight from here on
         self.behaviours = _no_behaviours(self.examples, len(self.cuts))
         self.stored = [] if plan.windows is not None else None
         # an example's values: its h row, and its code window when windows are asked for
