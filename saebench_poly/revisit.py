@@ -179,8 +179,13 @@ class _WindowReader:
         self.request = request
         self.order = torch.argsort(request.context.cpu(), stable=True)
         self.contexts = request.context.cpu()[self.order]
-        self.parts: list[tuple[torch.Tensor, ...]] = []
         self.span = torch.arange(request.before + request.after + 1)
+        # each row's window, written in place as its batch comes (no list of parts to concatenate and reorder)
+        rows = request.context.numel()
+        self.start = torch.zeros(rows, dtype=torch.int64)
+        self.length = torch.zeros(rows, dtype=torch.int64)
+        self.values = torch.zeros((rows, self.span.numel()), dtype=torch.float32)
+        self.filled = 0
 
     def read(self, indices: torch.Tensor, batch: Batch, activations: dict[str, torch.Tensor]) -> None:
         lo, hi = _slice(self.contexts, indices)
@@ -197,17 +202,15 @@ class _WindowReader:
         length = (peak + request.after).clamp_max(positions - 1) - start + 1
         where = (start[:, None] + self.span).clamp_max(positions - 1)
         values = z[local[:, None].to(z.device), where.to(z.device), request.unit.cpu()[rows, None].to(z.device)]
-        self.parts.append((rows, start, length, values.to(torch.float32).cpu()))
+        self.start[rows], self.length[rows] = start, length
+        self.values[rows] = values.to(torch.float32).cpu()
+        self.filled += rows.numel()
 
     def result(self, inputs: ContextInputs) -> Windows:
-        width = self.span.numel()
-        empty = (torch.zeros(0, dtype=torch.int64),) * 3 + (torch.zeros((0, width), dtype=torch.float32),)
-        rows, start, length, values = (torch.cat([part[i] for part in self.parts] + [empty[i]]) for i in range(4))
-        if rows.numel() != self.request.context.numel():
-            raise RuntimeError(f"the scored contexts gave {rows.numel()} of the {self.request.context.numel()} windows asked for")
-        order = torch.argsort(rows)
-        return Windows(context=self.request.context.cpu(), start=start[order], length=length[order],
-                       values=values[order], inputs=inputs)
+        if self.filled != self.request.context.numel():
+            raise RuntimeError(f"the scored contexts gave {self.filled} of the {self.request.context.numel()} windows asked for")
+        return Windows(context=self.request.context.cpu(), start=self.start, length=self.length, values=self.values,
+                       inputs=inputs)
 
 
 class _InputsReader:
