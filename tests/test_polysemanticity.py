@@ -188,13 +188,16 @@ def brute_force_sample(z: torch.Tensor, context: torch.Tensor, position: torch.T
     return samples
 
 
-def streamed_sample(z, context, position, fraction, size, seed, batch_contexts, order=None, device=CPU):
+def streamed_sample(z, context, position, fraction, size, seed, batch_contexts, order=None, device=CPU, sparse=False):
+    """``sparse``: each batch also hands over its non-zero entries, as a sparse batch's `EntryBatch` does."""
     selector = ExampleSelector(z.shape[1], fraction, size, seed)
     n_contexts = int(context.max()) + 1
     starts = list(range(0, n_contexts, batch_contexts))
     for start in (starts if order is None else [starts[i] for i in order(len(starts))]):
         rows = (context >= start) & (context < start + batch_contexts)
-        selector.update(z[rows].to(device), context[rows].to(device), position[rows].to(device))
+        codes = z[rows].to(device)
+        active = codes.bool().nonzero(as_tuple=True) if sparse else None
+        selector.update(codes, context[rows].to(device), position[rows].to(device), active)
     result = selector.result()
     counts = result.count.tolist()
     return [list(zip(result.context[u, : counts[u]].tolist(), result.position[u, : counts[u]].tolist(), strict=True))
@@ -260,6 +263,7 @@ def test_selection_is_the_definition_whatever_the_batch_size_and_order(codes) ->
         assert streamed_sample(z, context, position, 0.75, 10, 3, batch_contexts) == reference, batch_contexts
     shuffled = lambda n: random.Random(1).sample(range(n), n)  # noqa: E731
     assert streamed_sample(z, context, position, 0.75, 10, 3, 7, order=shuffled) == reference
+    assert streamed_sample(z, context, position, 0.75, 10, 3, 7, sparse=True) == reference  # from the active entries
     assert streamed_sample(z, context, position, 0.75, 10, 4, 7) != reference  # another seed, another sample
 
 

@@ -106,9 +106,11 @@ class ExampleSelector:
     def _threshold(self) -> torch.Tensor:
         return self.fraction * self.maximum
 
-    def update(self, z: torch.Tensor, context: torch.Tensor, position: torch.Tensor) -> None:
+    def update(self, z: torch.Tensor, context: torch.Tensor, position: torch.Tensor,
+               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Fold in one batch: codes ``z`` ``[N, width]`` of N scored tokens, their contexts' global indices and their
-        positions ``[N]``."""
+        positions ``[N]``; ``active``: the ``(rows, units)`` of ``z``'s non-zero entries in ``z.nonzero`` order, when
+        the caller has them (`EntryBatch.active_entries` of a sparse batch), so that only those are compared."""
         if self.maximum is None:
             self._allocate(z.device)
         if z.shape[0] == 0:
@@ -116,7 +118,7 @@ class ExampleSelector:
         z = z.detach()
         self.maximum = torch.maximum(self.maximum, z.amax(dim=0).to(torch.float64))
         threshold = self._threshold()
-        self._insert(*self._offers(z, context.to(z.device), position.to(z.device), threshold))
+        self._insert(*self._offers(z, context.to(z.device), position.to(z.device), threshold, active))
         if self.key.shape[1] > 2 * self._pruned_capacity:
             self._prune(threshold)
             self._pruned_capacity = max(self.max_examples, self.key.shape[1])
@@ -142,16 +144,23 @@ class ExampleSelector:
         self.position = torch.zeros((self.width, 0), dtype=torch.int64, device=device)
         self.activation = torch.full((self.width, 0), -torch.inf, dtype=torch.float64, device=device)
 
-    def _offers(self, z: torch.Tensor, context: torch.Tensor, position: torch.Tensor, threshold: torch.Tensor):
+    def _offers(self, z: torch.Tensor, context: torch.Tensor, position: torch.Tensor, threshold: torch.Tensor,
+                active: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The batch's pairs (u, c) with m_u(c) > 0 and m_u(c) >= threshold_u: unit, context, t*, m, sorted by unit."""
         work = z if z.dtype == torch.float64 else z.to(torch.float32)
-        # A threshold in the codes' precision, rounded down, so that the comparison keeps a superset of the tokens
-        # at or above the float64 threshold; the exact test follows on those.
-        low = threshold.to(work.dtype)
-        low = torch.where(low.to(torch.float64) > threshold, torch.nextafter(low, torch.full_like(low, -torch.inf)), low)
-        rows, units = ((work >= low) & (work > 0)).nonzero(as_tuple=True)
+        if active is None:
+            # A threshold in the codes' precision, rounded down, so that the comparison keeps a superset of the
+            # tokens at or above the float64 threshold; the exact test follows on those. At least the smallest
+            # positive value: one comparison also asks for m > 0.
+            low = threshold.to(work.dtype)
+            low = torch.where(low.to(torch.float64) > threshold, torch.nextafter(low, torch.full_like(low, -torch.inf)), low)
+            zero = torch.zeros((), dtype=work.dtype, device=work.device)
+            low = torch.maximum(low, torch.nextafter(zero, torch.ones_like(zero)))
+            rows, units = (work >= low).nonzero(as_tuple=True)
+        else:
+            rows, units = active
         values = work[rows, units].to(torch.float64)
-        exact = values >= threshold[units]
+        exact = (values >= threshold[units]) & (values > 0)
         rows, units, values = rows[exact], units[exact], values[exact]
         contexts_here, local = torch.unique(context, return_inverse=True)
         group, inverse = torch.unique(units * len(contexts_here) + local[rows], return_inverse=True)

@@ -223,7 +223,9 @@ class Polysemanticity(Accumulator):
         if batch.context is None or batch.position is None:
             raise ValueError("polysemanticity needs each scored row's context and position (EntryBatch.context, .position)")
         activity = batch.z.abs() if self.signed else batch.z
-        self.selector.update(activity, batch.context, batch.position)
+        # a sparse batch's non-zero entries, which other families share, are the only candidates (|z| too)
+        active = batch.active_entries() if batch.is_sparse() else None
+        self.selector.update(activity, batch.context, batch.position, active)
         self.null.update(batch.context, batch.position)
 
     def merge(self, other: Polysemanticity) -> None:
