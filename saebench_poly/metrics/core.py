@@ -111,15 +111,17 @@ class Reconstruction(Accumulator):
         error_squared = torch.linalg.vecdot(error, error)  # one pass, no squared copy
         self.squared_error += float(error_squared.sum())
         self._merge_moments(n, mean_b, m2_b)
+        hat_norm = torch.linalg.vecdot(x_hat, x_hat).sqrt()
+        dot = torch.linalg.vecdot(x, x_hat)
         keep = x_norm > 0
-        x_norm = x_norm[keep]
-        hat_norm = x_hat.norm(dim=1)[keep]
-        dot = torch.linalg.vecdot(x, x_hat)[keep]
+        kept = int(keep.sum())
+        if kept < n:  # tokens with x = 0 count in none of the means below
+            x_norm, hat_norm, dot, error_squared = x_norm[keep], hat_norm[keep], dot[keep], error_squared[keep]
         cosine = torch.where(hat_norm > 0, dot / (x_norm * hat_norm).clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         self.cosine_sum += float(cosine.sum())
-        self.relative_error_sum += float((error_squared[keep].sqrt() / x_norm).sum())
+        self.relative_error_sum += float((error_squared.sqrt() / x_norm).sum())
         self.norm_ratio_sum += float((hat_norm / x_norm).sum())
-        self.nonzero_tokens += int(keep.sum())
+        self.nonzero_tokens += kept
         self.tokens += n
 
     def _merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
