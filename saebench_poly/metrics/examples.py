@@ -70,8 +70,8 @@ def example_keys(seed: int, units: torch.Tensor, contexts: torch.Tensor) -> torc
 
 
 def _padded(values: torch.Tensor, columns: int, pad: float | int) -> torch.Tensor:
-    """``values`` ``[rows, c]`` padded on the right with ``pad`` to ``columns`` (exact for int64 pads, which
-    `torch.nn.functional.pad` passes through a float)."""
+    """``values`` ``[rows, c <= columns]`` padded on the right with ``pad`` to ``columns`` (exact for int64 pads,
+    which `torch.nn.functional.pad` passes through a float)."""
     if values.shape[1] == columns:
         return values
     fill = torch.full((values.shape[0], columns - values.shape[1]), pad, dtype=values.dtype, device=values.device)
@@ -224,11 +224,10 @@ class ExampleSelector:
         """Free the candidate store once the sample has been read (`result`): it grows with the log of the tokens
         and is dead weight after the pass. The selector can then be fed and read no more."""
         self.key = self.context = self.position = self.activation = None
-        self._released = True
 
     def result(self, device: torch.device | None = None) -> Examples:
         """The exact sample (module docstring), once every batch has been fed."""
-        if getattr(self, "_released", False):
+        if self.maximum is not None and self.key is None:  # fed, then released (a fed store always has a key)
             raise RuntimeError("the selector's candidates were released: read its result before release()")
         if self.maximum is None:
             self._allocate(device or torch.device("cpu"))
@@ -239,11 +238,9 @@ class ExampleSelector:
         by_context = torch.sort(context, dim=1, stable=True).indices
         order = by_context.gather(1, torch.sort(key.gather(1, by_context), dim=1, stable=True).indices)[:, :sample]
         chosen = valid.gather(1, order)
-        pad = sample - order.shape[1]
 
         def take(values: torch.Tensor, fill: float | int) -> torch.Tensor:
-            taken = torch.where(chosen, values.gather(1, order), fill)
-            return torch.nn.functional.pad(taken, (0, pad), value=fill) if pad else taken
+            return _padded(torch.where(chosen, values.gather(1, order), fill), sample, fill)
 
         return Examples(context=take(self.context, -1), position=take(self.position, 0),
                         activation=take(self.activation, -torch.inf), count=chosen.sum(dim=1), maximum=self.maximum)

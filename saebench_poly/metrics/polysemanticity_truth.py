@@ -137,9 +137,7 @@ class EntryScore:
         row = {"case": self.case, "entry": self.entry, "units": len(units), "ok": len(ok)}
         if "truth" in units and len(ok):
             known = ok[ok["truth"] >= 1]
-            row["with_truth"] = len(known)
-            row["K=truth"] = float((known["n_behaviours"] == known["truth"]).mean()) if len(known) else math.nan
-            row["spearman"] = spearman(known["n_behaviours"].to_numpy(float), known["truth"].to_numpy(float))
+            row |= _agreement(known)
             row["diffuse"] = int((ok["truth"] == 0).sum())
             row["mean_truth"] = float(known["truth"].mean()) if len(known) else math.nan
         row["mean_K"] = self.summary.get("mean_behaviours", math.nan)
@@ -155,8 +153,13 @@ def pooled_row(scores: Sequence[EntryScore], name: str, entries: Sequence[str]) 
     K = truth and Spearman(K, truth) over all of them."""
     known = pd.concat([score.units[(score.units["poly_status"] == OK) & (score.units["truth"] >= 1)]
                        for score in scores if score.entry in entries])
-    return {"case": scores[0].case, "entry": name, "with_truth": len(known),
-            "K=truth": float((known["n_behaviours"] == known["truth"]).mean()),
+    return {"case": scores[0].case, "entry": name} | _agreement(known)
+
+
+def _agreement(known: pd.DataFrame) -> dict[str, float]:
+    """Over units with a true count: how many, their share with K = truth, Spearman(K, truth)."""
+    return {"with_truth": len(known),
+            "K=truth": float((known["n_behaviours"] == known["truth"]).mean()) if len(known) else math.nan,
             "spearman": spearman(known["n_behaviours"].to_numpy(float), known["truth"].to_numpy(float))}
 
 
