@@ -129,7 +129,10 @@ def run(
     examples: Annotated[int, typer.Option(min=0, help="Members stored per behaviour besides its central example (the report's text).")] = 5,
     executor: Annotated[str, typer.Option(help="local (this process) or ray (the pass sharded over Ray workers).")] = "local",
     address: Annotated[str | None, typer.Option(help="--executor ray: the Ray cluster (default: a new local one).")] = None,
-    workers: Annotated[int | None, typer.Option(help="--executor ray: shards (default: the cluster's GPUs, else CPUs).")] = None,
+    workers: Annotated[int | None, typer.Option(help="--executor ray: slices of the contexts (default: the cluster's GPUs, else CPUs).")] = None,
+    entry_groups: Annotated[int | None, typer.Option(help=(
+        "--executor ray: also split the entries into G groups, each task holding one group (G x workers tasks); "
+        "for entries that do not fit one GPU together. Default 1."))] = None,
     checkpoint_every: Annotated[int, typer.Option(min=0, help=(
         "--executor local: write a checkpoint of the pass every N batches, to <artifacts>/"
         f"{CHECKPOINT_FILE} (the spec's artifacts folder); 0: none. Removed when the run finishes."))] = DEFAULT_CHECKPOINT_EVERY,
@@ -147,7 +150,7 @@ def run(
     overrides = {"device": device, "dtype": dtype, "tokens": tokens, "batch_size": batch_size,
                  "output": str(output.resolve()) if output else None}
     loaded = with_overrides(loaded, {k: v for k, v in overrides.items() if v is not None})
-    chosen = _executor(executor, address, workers)
+    chosen = _executor(executor, address, workers, entry_groups)
     result = run_benchmark(loaded, RichReporter(err_console), examples=examples, executor=chosen,
                            checkpoint_every=checkpoint_every if chosen is None else 0, resume=resume)
     out_console.print(summary_table(result.rows, f"{loaded.spec.name}: {result.tokens_scored:,} tokens scored"))
@@ -156,16 +159,16 @@ def run(
     out_console.print(printable(f"see why: saebench-poly report {result.output}"))
 
 
-def _executor(name: str, address: str | None, workers: int | None) -> Any:
+def _executor(name: str, address: str | None, workers: int | None, entry_groups: int | None) -> Any:
     """The `saebench_poly.run.Executor` of ``--executor`` (None: this process)."""
     if name == "local":
-        if address is not None or workers is not None:
-            raise UserError("--address and --workers apply to --executor ray only")
+        if address is not None or workers is not None or entry_groups is not None:
+            raise UserError("--address, --workers and --entry-groups apply to --executor ray only")
         return None
     if name == "ray":
         from saebench_poly.executors import RayExecutor
 
-        return RayExecutor(address=address, workers=workers)
+        return RayExecutor(address=address, workers=workers, groups=1 if entry_groups is None else entry_groups)
     raise UserError(f"unknown executor {name!r}: use local or ray")
 
 

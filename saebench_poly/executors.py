@@ -4,9 +4,12 @@ The scored contexts are cut into contiguous slices, one per worker. Each worker 
 (`saebench_poly.run.prepare_run`: the model, the entries, the baselines fitted on the same held-out data, fresh
 accumulators), runs the one pass over its slice with its contexts and tokens numbered as in the whole run, and
 returns its accumulators' state (`Accumulator.merge`; the model and entries stay behind, `Accumulator.transient`).
-The driver merges the states in slice order into its own accumulators, then runs the post-pass stage (examples'
-re-run, stored examples) and writes, as a single-process run does. The results equal those of one process to float
-tolerance (the slices cut batches elsewhere); the spec and its hash do not name the executor.
+With entry groups (``--entry-groups G``), each of the slices x groups tasks loads every entry on the CPU (the
+baselines follow from the entries' hooks) and keeps only its group's, fitted and moved to its device: a GPU holds
+one group's entries and accumulators. The driver merges the states in slice order into its own accumulators, then
+runs the post-pass stage (examples' re-run, stored examples) and writes, as a single-process run does. The results
+equal those of one process to float tolerance (the slices cut batches elsewhere); the spec and its hash do not name
+the executor.
 
 Every process reads the spec's files (model, SAEs, data, artifacts) at the same paths: on a cluster they must be on
 a shared file system. SAEs the spec trains are trained by the driver before any worker starts.
@@ -47,23 +50,43 @@ def shard_bounds(contexts: int, shards: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def score_shard(loaded: LoadedSpec, start: int, stop: int) -> tuple[int, list[list[Accumulator]]]:
-    """In a worker: the pass over scored contexts ``start .. stop - 1``; (tokens scored, each entry's accumulators)."""
-    prepared = prepare_run(loaded)
+def entry_groups(costs: list[int], groups: int) -> list[list[int]]:
+    """The positions 0 .. len(costs) - 1 cut into at most ``groups`` non-empty groups of about equal total cost:
+    largest cost first, each to the group with the least cost so far (ties: the lower group); each group in
+    increasing position."""
+    groups = max(1, min(groups, len(costs)))
+    members: list[list[int]] = [[] for _ in range(groups)]
+    totals = [0] * groups
+    for position in sorted(range(len(costs)), key=lambda p: (-costs[p], p)):
+        lightest = min(range(groups), key=lambda g: (totals[g], g))
+        members[lightest].append(position)
+        totals[lightest] += costs[position]
+    return [sorted(group) for group in members if group]
+
+
+def score_shard(loaded: LoadedSpec, start: int, stop: int,
+                entry_names: list[str] | None = None) -> tuple[int, list[list[Accumulator]]]:
+    """In a worker: the pass over scored contexts ``start .. stop - 1`` for the entries named (default: every
+    entry); (tokens scored, each entry's accumulators, in the run's entry order)."""
+    prepared = prepare_run(loaded, entry_names=entry_names)
     batches, first_token = prepared.inputs.score_slice(start, stop)
     tokens = score(prepared.adapter, prepared.scored, batches, first_context=start, first_token=first_token)
     return tokens, [item.accumulators for item in prepared.scored]
 
 
 class RayExecutor:
-    """Shards the pass over ``workers`` Ray tasks (default: one per GPU of the cluster, else one per CPU) on the
-    cluster at ``address`` (default: a Ray instance already started in this process, else a new local one).
-    Each task asks for one GPU when the cluster has GPUs and the spec's device is not ``cpu``, else one CPU."""
+    """Shards the pass over Ray tasks on the cluster at ``address`` (default: a Ray instance already started in this
+    process, else a new local one): ``workers`` contiguous slices of the scored contexts (default: one per GPU of
+    the cluster, else one per CPU) times ``groups`` groups of entries (`entry_groups`, cost: width x input width;
+    default 1, every task holds every entry). Each task asks for one GPU when the cluster has GPUs and the spec's
+    device is not ``cpu``, else one CPU."""
 
-    def __init__(self, address: str | None = None, workers: int | None = None) -> None:
+    def __init__(self, address: str | None = None, workers: int | None = None, groups: int = 1) -> None:
         if workers is not None and workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
-        self.address, self.workers = address, workers
+        if groups < 1:
+            raise UserError(f"--entry-groups must be at least 1, got {groups}")
+        self.address, self.workers, self.groups = address, workers, groups
         self.ray = import_ray()
 
     def score(self, prepared: PreparedRun, reporter: Reporter) -> int:
@@ -90,23 +113,31 @@ class RayExecutor:
         gpus = int(resources.get("GPU", 0)) if prepared.loaded.spec.device != "cpu" else 0
         workers = self.workers or gpus or int(resources.get("CPU", 1))
         bounds = shard_bounds(prepared.inputs.contexts_in("score"), workers)
+        entries = [item.entry for item in prepared.scored]
+        groups = entry_groups([entry.width * entry.d_in for entry in entries], self.groups)
         task = ray.remote(num_gpus=1, num_cpus=0)(score_shard) if gpus else ray.remote(num_cpus=1)(score_shard)
         loaded = LoadedSpec(spec=prepared.loaded.spec, path=prepared.loaded.path.resolve())
-        pending = {task.remote(loaded, start, stop): index for index, (start, stop) in enumerate(bounds)}
-        results: dict[int, tuple[int, list[list[Accumulator]]]] = {}
-        reporter.message(f"scoring on {len(bounds)} Ray worker(s), {bounds[0][1] - bounds[0][0]} context(s) each")
+        whole = len(groups) == 1
+        pending = {task.remote(loaded, start, stop, None if whole else [entries[p].name for p in group]): (g, s)
+                   for g, group in enumerate(groups) for s, (start, stop) in enumerate(bounds)}
+        results: dict[tuple[int, int], tuple[int, list[list[Accumulator]]]] = {}
+        split = "" if whole else f" x {len(groups)} groups of entries"
+        reporter.message(f"scoring on {len(pending)} Ray task(s): {len(bounds)} slice(s) of about "
+                         f"{bounds[0][1] - bounds[0][0]} context(s){split}")
         with reporter.task(f"scoring {len(prepared.scored)} entries", prepared.inputs.tokens_in("score")) as advance:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                index = pending.pop(done[0])
-                results[index] = _get(ray, done[0])
-                advance(results[index][0])
-        for index in range(len(bounds)):  # in slice order, so that the merged floats do not depend on timing
-            _, shard = results[index]
-            for item, accumulators in zip(prepared.scored, shard, strict=True):
-                for mine, theirs in zip(item.accumulators, accumulators, strict=True):
-                    mine.merge(theirs)
-        return sum(tokens for tokens, _ in results.values())
+                key = pending.pop(done[0])
+                results[key] = _get(ray, done[0])
+                if key[0] == 0:  # one group's tasks count the tokens
+                    advance(results[key][0])
+        for g, group in enumerate(groups):
+            for s in range(len(bounds)):  # in slice order, so that the merged floats do not depend on timing
+                _, shard = results[g, s]
+                for position, accumulators in zip(group, shard, strict=True):
+                    for mine, theirs in zip(prepared.scored[position].accumulators, accumulators, strict=True):
+                        mine.merge(theirs)
+        return sum(results[0, s][0] for s in range(len(bounds)))
 
 
 def _get(ray: Any, ref: Any) -> Any:

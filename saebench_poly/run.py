@@ -13,7 +13,7 @@ import random
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,9 +108,12 @@ class PreparedRun:
     device: torch.device
 
 
-def prepare_run(loaded: LoadedSpec, reporter: Reporter | None = None) -> PreparedRun:
+def prepare_run(loaded: LoadedSpec, reporter: Reporter | None = None,
+                entry_names: Collection[str] | None = None) -> PreparedRun:
     """Load the model and the entries, train and fit what the spec asks for, and build the accumulators: all that
-    comes before the pass, the same in every process of a sharded run."""
+    comes before the pass, the same in every process of a sharded run. With ``entry_names`` only those entries are
+    kept, in the run's order: every entry is read on the CPU (the baselines follow from the entries' hooks), the
+    others are dropped before anything is fitted or moved to the run's device (a worker of an entry group)."""
     reporter = reporter or Reporter()
     spec = loaded.spec
     seed_everything(spec.seed)
@@ -129,10 +132,12 @@ def prepare_run(loaded: LoadedSpec, reporter: Reporter | None = None) -> Prepare
         reporter.message(f"not scoring the token ids {inputs.ignored_token_ids} (ignore_tokens = {spec.ignore_tokens!r})")
     for trained in spec.train:
         _ensure_trained(trained, loaded, adapter, inputs, reporter)
-    entries = _load_entries(loaded, adapter, device, dtype)
+    entries = _load_entries(loaded, adapter, device if entry_names is None else torch.device("cpu"), dtype)
     if not kwargs_chosen:
         _check_model_kwargs(loaded, entries)
     _check_metrics_apply(spec, metrics, entries, adapter, reporter)
+    if entry_names is not None:
+        entries = [entry for entry in entries if entry.name in set(entry_names)]
 
     to_fit = [entry.name for entry in entries if entry.needs_fit]
     if to_fit and inputs.contexts_in("fit") == 0:
