@@ -275,7 +275,7 @@ def update(path: Path, change: Callable[[Contents], Contents]) -> Contents:
     under the file lock, so concurrent updates are serialised and none is lost; returns what was written. The
     frontier flags of every row are recomputed from the new rows (`saebench_poly.frontier.recompute_frontier`).
 
-    All three files are validated before anything is written; the per-unit and stored-examples tables are renamed
+    All three files are converted and staged before anything is renamed; the per-unit and stored-examples tables are renamed
     into place first, so the leaderboard's rename is the commit point (units and examples of entries the leaderboard
     does not hold, left by a write interrupted between the renames, are dropped). An unreadable file raises and is left untouched."""
     units_file, examples_file = units_path(path), examples_path(path)
@@ -294,15 +294,18 @@ def update(path: Path, change: Callable[[Contents], Contents]) -> Contents:
         keys = set(entry_keys(new.rows))
         written = Contents(new.rows, _held(new.units, new.rows), new.provenance.restricted_to(keys, new.rows["spec_hash"]),
                            _held(old.examples if new.examples is None else new.examples, new.rows))
-        tables = {units_file: to_arrow(written.units, units_schema(written.units.columns)),
-                  examples_file: to_arrow(written.examples, EXAMPLES_SCHEMA),
-                  path: to_arrow(written.rows, LEADERBOARD_SCHEMA, written.provenance)}
-        # Every file is staged before any is renamed, so a full disk or a read-only folder leaves neither
-        # a new per-unit table beside an old leaderboard nor an orphan per-unit table beside none.
+        tables = {units_file: lambda: to_arrow(written.units, units_schema(written.units.columns)),
+                  examples_file: lambda: to_arrow(written.examples, EXAMPLES_SCHEMA),
+                  path: lambda: to_arrow(written.rows, LEADERBOARD_SCHEMA, written.provenance)}
+        # Every file is staged before any is renamed, so a full disk, a read-only folder or a table that does not
+        # convert leaves neither a new per-unit table beside an old leaderboard nor an orphan per-unit table beside
+        # none. One Arrow table at a time is held (the per-unit and examples tables are the run's largest objects).
         staged: dict[Path, str] = {}
         try:
-            for target, table in tables.items():
+            for target, table_of in tables.items():
+                table = table_of()
                 staged[target] = stage(target, lambda name, table=table: pq.write_table(table, name))
+                del table
         except BaseException:
             for temporary in staged.values():
                 os.unlink(temporary)

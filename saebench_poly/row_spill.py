@@ -3,10 +3,13 @@ large, so that the process's memory does not grow with the number of distinct ex
 
 A store is ``[P, d]`` rows, written once in increasing row order, slice by slice, then read by any index. Below
 `SPILL_BYTES` (or on an accelerator) it is a tensor; above it on the CPU, a `SpilledRows`: an anonymous temporary
-file written with ``pwrite`` and read through a memory map that lives only for one read, so that only the rows a
-read asks for are ever resident in the process (the operating system's page cache, which it can drop, holds the
-rest). The values are the same bytes either way. The file goes to the temporary folder (``TMPDIR``): mind that a
-tmpfs there is memory.
+file written with ``pwrite`` and read with ``preadv``, one call per run of consecutive rows asked for, straight
+into the array returned, so that only the rows a read asks for are ever resident in the process (the operating
+system's page cache, which it can drop, holds the rest). A memory map is not used: touching one row of a mapped
+file that sits in the page cache maps the cached pages around it too (the kernel's fault-around), and those count
+in the process's resident memory: reading 4,300 scattered rows of a 1,536-wide store raised the peak by 0.8 GiB.
+The values are the same bytes either way. The file goes to the temporary folder (``TMPDIR``): mind that a tmpfs
+there is memory.
 """
 
 from __future__ import annotations
@@ -49,10 +52,23 @@ class SpilledRows:
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
         index = torch.as_tensor(index).cpu()
-        mapped = np.memmap(self._file, dtype=self._numpy, mode="r", shape=self.shape)
-        values = np.array(mapped[index.numpy()])  # a copy of the rows asked for
-        del mapped  # unmapped here: nothing else refers to it
-        return torch.from_numpy(values)
+        wanted, inverse = np.unique(index.numpy().reshape(-1), return_inverse=True)
+        rows = np.empty((len(wanted), *self.shape[1:]), dtype=self._numpy)
+        raw = memoryview(rows.reshape(-1).view(np.uint8))
+        first = 0  # the runs of consecutive rows, one read each
+        for run in np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1) if len(wanted) else ():
+            stop = first + len(run)
+            self._read_into(raw[first * self._row_bytes : stop * self._row_bytes], int(run[0]) * self._row_bytes)
+            first = stop
+        return torch.from_numpy(rows[inverse].reshape(*index.shape, *self.shape[1:]))
+
+    def _read_into(self, buffer: memoryview, offset: int) -> None:
+        """Fill ``buffer`` with the file's bytes from ``offset`` (a read may return fewer bytes than asked)."""
+        while len(buffer):
+            got = os.preadv(self._file.fileno(), [buffer], offset)
+            if got == 0:
+                raise EOFError(f"the temporary row store ended at byte {offset}")
+            buffer, offset = buffer[got:], offset + got
 
 
 def _no_room(err: OSError) -> UserError:

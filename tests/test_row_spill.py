@@ -21,6 +21,12 @@ def test_a_spilled_store_reads_back_exactly_what_a_tensor_store_holds(monkeypatc
         store[start : start + 300] = values[start : start + 300]
     index = torch.randint(1000, (5, 40), generator=torch.Generator().manual_seed(1))
     assert torch.equal(store[index], values[index])
+    runs = torch.tensor([999, 3, 4, 5, 4, 0, 998, 500])  # runs of consecutive rows, repeats, both ends, any order
+    assert torch.equal(store[runs], values[runs])
+    assert store[torch.zeros(0, dtype=torch.int64)].shape == (0, 7)
+    real = row_spill.os.preadv
+    monkeypatch.setattr(row_spill.os, "preadv", lambda fd, buffers, offset: real(fd, [buffers[0][:5]], offset))
+    assert torch.equal(store[torch.arange(10, 200)], values[10:200])  # reads that return fewer bytes than asked
     monkeypatch.setattr(row_spill, "SPILL_BYTES", 2**40)
     assert isinstance(row_spill.row_store(1000, (7,), torch.float32, torch.device("cpu")), torch.Tensor)
 
