@@ -11,7 +11,7 @@ import torch
 from saebench_poly.metrics import EntryBatch, all_metrics
 from saebench_poly.metrics.core import Reconstruction, Sparsity
 from saebench_poly.metrics.feature_recovery import FeatureRecovery
-from saebench_poly.metrics.moments import Moments
+from saebench_poly.metrics.moments import Moments, symmetric_gram
 from saebench_poly.sources.base import BasisEntry, NeuronEntry, SAEEntry
 from tests.conftest import write_sae
 
@@ -115,6 +115,14 @@ def test_moments_of_parts_merge_to_the_moments_of_the_whole() -> None:
             moments.merge(Moments.of(chunk))
         assert moments.comoment.dtype == torch.float64 and moments.count == 3000
         torch.testing.assert_close(moments.covariance(), exact, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("width", [1, 255, 256, 257, 600])
+def test_the_blocked_gram_matrix_is_the_matrix_product(width) -> None:
+    x = torch.randn(300, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    gram = symmetric_gram(x)
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, x.T @ x, rtol=1e-13, atol=1e-12)
 
 
 def test_feature_recovery_of_a_perfect_and_an_orthogonal_dictionary() -> None:

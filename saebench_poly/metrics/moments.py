@@ -22,6 +22,26 @@ def chan_merge(count_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b: 
     return total, mean_a + delta * (count_b / total), m2_a + m2_b + spread * (count_a * count_b / total)
 
 
+# Column blocks of `symmetric_gram`: products of at most this many columns at a time.
+GRAM_BLOCK = 256
+
+
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x ``[d, d]`` from the blocks on and above its diagonal only, each mirrored below it: the same products as
+    one matrix product, for about (1 + 1 / b) / 2 of its multiplications with b blocks of `GRAM_BLOCK` columns
+    (a BLAS's symmetric rank-k update, which torch does not expose). At most one block: the plain product."""
+    d = x.shape[1]
+    if d <= GRAM_BLOCK:
+        return x.T @ x
+    gram = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for start in range(0, d, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, d)
+        block = x[:, start:stop].T @ x[:, start:]
+        gram[start:stop, start:] = block
+        gram[stop:, start:stop] = block[:, stop - start :].T
+    return gram
+
+
 @dataclass
 class Moments:
     """Streaming mean and covariance of rows (Chan, Golub & LeVeque 1979: the pairwise update of the co-moment
@@ -42,7 +62,7 @@ class Moments:
         x = x.to(torch.float64)
         mean = x.mean(dim=0)
         centred = x - mean
-        return cls(n, mean, centred.T @ centred)
+        return cls(n, mean, symmetric_gram(centred))
 
     def merge(self, other: Moments) -> None:
         """Fold ``other`` (moments of other rows) in; ``other`` is left unchanged."""
