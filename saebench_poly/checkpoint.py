@@ -36,7 +36,8 @@ from saebench_poly.models.base import Batch
 
 CHECKPOINT_FILE = "pass-checkpoint.safetensors"
 DEFAULT_EVERY = 100  # batches: the default of saebench-poly run --checkpoint-every
-FORMAT = "saebench-poly pass checkpoint 1"
+FORMAT_NAME = "saebench-poly pass checkpoint"
+FORMAT = f"{FORMAT_NAME} 2"  # 2: the example selector's store records its used columns
 _PACKAGE = "saebench_poly."
 
 
@@ -83,6 +84,9 @@ def restore(path: Path, ident: dict[str, Any], accumulators: list[list[Accumulat
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != FORMAT:
+                if str(metadata.get("format", "")).startswith(FORMAT_NAME):
+                    raise UserError(f"the checkpoint {path} was written by another version of saebench-poly: run "
+                                    "without --resume to start over")
                 raise UserError(f"{path} is not a saebench-poly pass checkpoint: delete it, or run without --resume")
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (SafetensorError, OSError, ValueError) as err:

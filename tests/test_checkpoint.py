@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from safetensors import safe_open
 
 from saebench_poly import checkpoint, cli
+from saebench_poly.errors import UserError
 from saebench_poly.run import Reporter, _score_here, prepare_run
 from saebench_poly.spec import load_spec
 from tests.conftest import D_MODEL, write_sae
@@ -98,6 +100,15 @@ def test_a_checkpoint_of_another_spec_is_refused_in_one_line(tl_spec, tmp_path, 
     assert error_line(err).startswith(f"saebench-poly: error: the checkpoint {saved} was written by a run with other "
                                       "spec settings")
     assert not (tmp_path / "out" / "board.parquet").exists()
+
+
+def test_a_checkpoint_of_another_version_is_refused_in_one_line(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    old = tmp_path / checkpoint.CHECKPOINT_FILE
+    save_file({"x": torch.zeros(1)}, str(old), metadata={"format": f"{checkpoint.FORMAT_NAME} 1"})
+    with pytest.raises(UserError, match="written by another version of saebench-poly: run without --resume"):
+        checkpoint.restore(old, {}, [], torch.device("cpu"))
 
 
 def test_resume_with_the_ray_executor_is_refused(tl_spec, tmp_path, run_cli) -> None:

@@ -100,8 +100,11 @@ class ExampleSelector:
         # The store is pruned when it has grown to twice its size after the last pruning: dropping a candidate later
         # changes nothing (the rules only drop candidates that can never be sampled), and sorting less often is cheaper.
         self._pruned_capacity = max_examples
-        # The candidate store: [width, capacity], padded with key PAD_KEY, context -1, activation -inf.
+        # The candidate store: [width, capacity], padded with key PAD_KEY, context -1, activation -inf; candidates
+        # lie in its first `used` columns, and it grows by half its capacity at a time (a batch writes in place
+        # instead of copying the whole store).
         self.key = self.context = self.position = self.activation = None
+        self.used = 0
 
     def _threshold(self) -> torch.Tensor:
         return self.fraction * self.maximum
@@ -119,9 +122,9 @@ class ExampleSelector:
         self.maximum = torch.maximum(self.maximum, z.amax(dim=0).to(torch.float64))
         threshold = self._threshold()
         self._insert(*self._offers(z, context.to(z.device), position.to(z.device), threshold, active))
-        if self.key.shape[1] > 2 * self._pruned_capacity:
+        if self.used > 2 * self._pruned_capacity:
             self._prune(threshold)
-            self._pruned_capacity = max(self.max_examples, self.key.shape[1])
+            self._pruned_capacity = max(self.max_examples, self.used)
 
     def merge(self, other: ExampleSelector) -> None:
         """Fold in a selector fed other contexts (numbered globally): the candidates of both, pruned under the
@@ -135,7 +138,7 @@ class ExampleSelector:
         for name in ("key", "context", "position", "activation"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], dim=1))
         self._prune(self._threshold())
-        self._pruned_capacity = max(self.max_examples, self.key.shape[1])
+        self._pruned_capacity = max(self.max_examples, self.used)
 
     def _allocate(self, device: torch.device) -> None:
         self.maximum = torch.full((self.width,), -torch.inf, dtype=torch.float64, device=device)
@@ -143,6 +146,7 @@ class ExampleSelector:
         self.context = torch.full((self.width, 0), -1, dtype=torch.int64, device=device)
         self.position = torch.zeros((self.width, 0), dtype=torch.int64, device=device)
         self.activation = torch.full((self.width, 0), -torch.inf, dtype=torch.float64, device=device)
+        self.used = 0
 
     def _offers(self, z: torch.Tensor, context: torch.Tensor, position: torch.Tensor, threshold: torch.Tensor,
                 active: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -176,16 +180,18 @@ class ExampleSelector:
             return
         counts = torch.bincount(units, minlength=self.width)
         slot = torch.arange(units.numel(), device=units.device) - (torch.cumsum(counts, 0) - counts)[units]
+        needed = self.used + int(counts.max())
         capacity = self.key.shape[1]
-        extra = int(counts.max())
-        column = capacity + slot
+        column = self.used + slot
         keys = example_keys(self.seed, units, contexts)
         for name, new, pad in (("key", keys, PAD_KEY), ("context", contexts, -1), ("position", positions, 0),
                                ("activation", values, -torch.inf)):
-            old = getattr(self, name)
-            grown = torch.cat([old, torch.full((self.width, extra), pad, dtype=old.dtype, device=old.device)], dim=1)
-            grown[units, column] = new.to(old.dtype)
-            setattr(self, name, grown)
+            store = getattr(self, name)
+            if needed > capacity:
+                store = _padded(store, max(needed, capacity + capacity // 2), pad)
+                setattr(self, name, store)
+            store[units, column] = new.to(store.dtype)
+        self.used = needed
 
     def _prune(self, threshold: torch.Tensor) -> None:
         """Rules 1 and 2 of the module docstring, then the kept candidates are packed to the left; in chunks of
@@ -193,6 +199,7 @@ class ExampleSelector:
         rows = max(1, PRUNE_CHUNK // max(self.key.shape[1], 1))
         parts = [self._prune_units(start, min(start + rows, self.width), threshold) for start in range(0, self.width, rows)]
         kept = max((part[0].shape[1] for part in parts), default=0)
+        self.used = kept
         for index, (name, pad) in enumerate((("key", PAD_KEY), ("context", -1), ("position", 0), ("activation", -torch.inf))):
             setattr(self, name, torch.cat([_padded(part[index], kept, pad) for part in parts]))
             for part in parts:  # each chunk's copy goes once it is in the new store

@@ -84,7 +84,7 @@ class StreamingCovariance:
             if torch.count_nonzero(z) > z.numel() * SPARSE_FRACTION:  # then some row is too
                 self.dense.update(z)
                 return
-            active_entries = z.bool().nonzero(as_tuple=True)
+            active_entries = z.nonzero(as_tuple=True)
         rows, units = active_entries
         per_row = torch.bincount(rows, minlength=n)
         most = int(per_row.max()) if rows.numel() else 0
