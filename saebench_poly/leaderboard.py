@@ -343,8 +343,12 @@ def _remove_stale_temporaries(*paths: Path) -> None:
 
 
 def _held(units: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
-    """The per-unit rows of entries that ``rows`` holds."""
-    return units[entry_keys(units).isin(set(entry_keys(rows)))] if len(units) else units
+    """The per-unit rows of entries that ``rows`` holds (matched on (run_id, entry) pairs, factorized: the per-unit
+    and examples tables have a row per unit or example)."""
+    if not len(units):
+        return units
+    held = pd.MultiIndex.from_arrays([rows["run_id"], rows["entry"]]).unique()
+    return units[pd.MultiIndex.from_arrays([units["run_id"], units["entry"]]).isin(held)]
 
 
 def replace_spec_rows(path: Path, spec_name: str, rows: pd.DataFrame, units: pd.DataFrame,
