@@ -97,6 +97,18 @@ def test_sparse_and_dense_batches_give_the_exact_covariance() -> None:
     torch.testing.assert_close(covariance.covariance(), torch.cov(z.T), rtol=1e-10, atol=1e-12)
 
 
+def test_sparse_rows_with_unequal_counts_give_the_exact_covariance() -> None:
+    z = sparse_code(700, 256, 6, seed=6)
+    z[torch.rand(z.shape, generator=torch.Generator().manual_seed(7)) < 0.3] = 0  # rows hold 0 to 6 entries
+    assert len(set((z != 0).sum(dim=1).tolist())) >= 4
+    z[5] = 0  # and one none
+    covariance = StreamingCovariance()
+    for chunk in z.split(64):
+        covariance.update(chunk)
+    assert covariance.sparse_count == 700 and not covariance.dense.count
+    torch.testing.assert_close(covariance.covariance(), torch.cov(z.T), rtol=1e-10, atol=1e-12)
+
+
 def test_a_batchs_shared_active_entries_give_the_same_covariance_and_firing_counts() -> None:
     z = sparse_code(700, 256, 4, seed=5)
     alone, shared = StreamingCovariance(), StreamingCovariance()

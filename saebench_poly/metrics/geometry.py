@@ -100,18 +100,22 @@ class StreamingCovariance:
         if most == 0:
             return
         # each row's active entries in increasing unit order, padded with zeros to the batch's most: [n, most]
-        slot = torch.arange(rows.numel(), device=z.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
-        index = torch.zeros(n, most, dtype=torch.int64, device=z.device)
-        values = torch.zeros(n, most, dtype=torch.float64, device=z.device)
-        index[rows, slot] = units
-        values[rows, slot] = active_values
-        # the products of slots a <= b only: unit index[a] < index[b], the upper triangle (padding adds zeros)
-        first, second = torch.triu_indices(most, most, device=z.device)
-        chunk = max(1, _OUTER_CHUNK // first.numel())
+        if rows.numel() == n * most:  # as many in every row (a TopK code): the entries are already that matrix
+            index, values = units.view(n, most), active_values.view(n, most)
+        else:
+            slot = torch.arange(rows.numel(), device=z.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
+            index = torch.zeros(n, most, dtype=torch.int64, device=z.device)
+            values = torch.zeros(n, most, dtype=torch.float64, device=z.device)
+            index[rows, slot] = units
+            values[rows, slot] = active_values
+        # the products of slots a <= b only: unit index[a] < index[b], the upper triangle (padding adds zeros), slot
+        # a against slots a .. most - 1 as slices (a gather of the triangle's index pairs is slower)
+        chunk = max(1, _OUTER_CHUNK // (most * (most + 1) // 2))
         for start in range(0, n, chunk):
             v, i = values[start : start + chunk], index[start : start + chunk]
-            outer = (v[:, first] * v[:, second]).reshape(-1)
-            self.sparse_outer.index_add_(0, (i[:, first] * width + i[:, second]).reshape(-1), outer)
+            outer = torch.cat([v[:, a : a + 1] * v[:, a:] for a in range(most)], dim=1).reshape(-1)
+            cells = torch.cat([i[:, a : a + 1] * width + i[:, a:] for a in range(most)], dim=1).reshape(-1)
+            self.sparse_outer.index_add_(0, cells, outer)
 
     def merge_dense(self, moments: Moments) -> None:
         """Fold in the moments of a batch of rows computed elsewhere (shared by entries with the same rows)."""
