@@ -29,9 +29,8 @@ import torch
 
 def cosine_similarities(embeddings: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``[U, n, n]`` cosine similarities in float64 (0 wherever an example is missing or its embedding is zero)."""
-    embeddings = embeddings.to(torch.float64) * valid[..., None]
-    norms = embeddings.norm(dim=-1, keepdim=True)
-    unit = embeddings / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    unit = embeddings.to(torch.float64) * valid[..., None]
+    unit.div_(unit.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny))  # in place: one [U, n, d] copy
     return unit @ unit.transpose(1, 2)
 
 

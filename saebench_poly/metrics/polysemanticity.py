@@ -472,7 +472,9 @@ def _group_behaviours(out: Behaviours, start: int, group: _ExampleRows, inputs: 
     for rows in chunks:
         n = int(count[rows[-1]])
         weight = inputs.weight[start + rows].to(torch.float64)
-        embeddings = (rows_of(group.index[rows, :n]).to(torch.float64) - centre) * weight[:, None, :]
+        # (h - centre) ⊙ w_u, in place on the float64 copy of the rows (a [U, n, d] chunk is tens of MB: each new
+        # one costs its pages' faults)
+        embeddings = rows_of(group.index[rows, :n]).to(torch.float64, copy=True).sub_(centre).mul_(weight[:, None, :])
         _write(out, start + rows, unit_behaviours(embeddings, group.valid[rows, :n], options.rule, options.cuts,
                                                   cuts[rows] if null else None, options.split_ratio,
                                                   options.split_share))
