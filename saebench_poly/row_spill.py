@@ -55,11 +55,12 @@ class SpilledRows:
         wanted, inverse = np.unique(index.numpy().reshape(-1), return_inverse=True)
         rows = np.empty((len(wanted), *self.shape[1:]), dtype=self._numpy)
         raw = memoryview(rows.reshape(-1).view(np.uint8))
-        first = 0  # the runs of consecutive rows, one read each
-        for run in np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1) if len(wanted) else ():
-            stop = first + len(run)
-            self._read_into(raw[first * self._row_bytes : stop * self._row_bytes], int(run[0]) * self._row_bytes)
-            first = stop
+        # the runs of consecutive rows, one read each: run r holds wanted[starts[r] : stops[r]]
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        starts, stops = np.r_[0, breaks][: len(wanted)], np.r_[breaks, len(wanted)][: len(wanted)]
+        size = self._row_bytes
+        for first, stop, row in zip(starts.tolist(), stops.tolist(), wanted[starts].tolist(), strict=True):
+            self._read_into(raw[first * size : stop * size], row * size)
         return torch.from_numpy(rows[inverse].reshape(*index.shape, *self.shape[1:]))
 
     def _read_into(self, buffer: memoryview, offset: int) -> None:
