@@ -205,6 +205,20 @@ def to_arrow(frame: pd.DataFrame, schema: pa.Schema, provenance: FileProvenance 
     return table.replace_schema_metadata(metadata)
 
 
+# Rows of a table converted to Arrow and written at a time (one Parquet row group each): the per-unit and examples
+# tables are a run's largest objects, and a whole-table conversion would hold a second copy of them.
+WRITE_ROWS = 4096
+
+
+def write_frame(frame: pd.DataFrame, schema: pa.Schema, name: str, provenance: FileProvenance | None = None) -> None:
+    """``frame`` to the Parquet file ``name`` as `to_arrow` converts it, `WRITE_ROWS` rows at a time."""
+    first = to_arrow(frame.iloc[:WRITE_ROWS], schema, provenance)
+    with pq.ParquetWriter(name, first.schema) as writer:
+        writer.write_table(first)
+        for start in range(WRITE_ROWS, len(frame), WRITE_ROWS):
+            writer.write_table(to_arrow(frame.iloc[start : start + WRITE_ROWS], schema, provenance))
+
+
 def new_file_mode(path: Path) -> int:
     """The permissions a rewrite of ``path`` gets: those of the file it replaces, else what ``open`` would give
     a new file (0666 less the umask: 0644 under the usual umask 022)."""
@@ -294,18 +308,16 @@ def update(path: Path, change: Callable[[Contents], Contents]) -> Contents:
         keys = set(entry_keys(new.rows))
         written = Contents(new.rows, _held(new.units, new.rows), new.provenance.restricted_to(keys, new.rows["spec_hash"]),
                            _held(old.examples if new.examples is None else new.examples, new.rows))
-        tables = {units_file: lambda: to_arrow(written.units, units_schema(written.units.columns)),
-                  examples_file: lambda: to_arrow(written.examples, EXAMPLES_SCHEMA),
-                  path: lambda: to_arrow(written.rows, LEADERBOARD_SCHEMA, written.provenance)}
+        tables = {units_file: (written.units, units_schema(written.units.columns), None),
+                  examples_file: (written.examples, EXAMPLES_SCHEMA, None),
+                  path: (written.rows, LEADERBOARD_SCHEMA, written.provenance)}
         # Every file is staged before any is renamed, so a full disk, a read-only folder or a table that does not
         # convert leaves neither a new per-unit table beside an old leaderboard nor an orphan per-unit table beside
-        # none. One Arrow table at a time is held (the per-unit and examples tables are the run's largest objects).
+        # none.
         staged: dict[Path, str] = {}
         try:
-            for target, table_of in tables.items():
-                table = table_of()
-                staged[target] = stage(target, lambda name, table=table: pq.write_table(table, name))
-                del table
+            for target, (frame, schema, provenance) in tables.items():
+                staged[target] = stage(target, lambda name, f=frame, s=schema, p=provenance: write_frame(f, s, name, p))
         except BaseException:
             for temporary in staged.values():
                 os.unlink(temporary)
@@ -348,7 +360,8 @@ def _held(units: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     if not len(units):
         return units
     held = pd.MultiIndex.from_arrays([rows["run_id"], rows["entry"]]).unique()
-    return units[pd.MultiIndex.from_arrays([units["run_id"], units["entry"]]).isin(held)]
+    mask = pd.MultiIndex.from_arrays([units["run_id"], units["entry"]]).isin(held)
+    return units if mask.all() else units[mask]  # no copy of a table that is held whole
 
 
 def replace_spec_rows(path: Path, spec_name: str, rows: pd.DataFrame, units: pd.DataFrame,

@@ -445,15 +445,14 @@ def test_a_file_system_that_refuses_the_write_is_one_line_and_leaves_no_file(fai
 
     import pyarrow.parquet as pq
 
-    def full(table, where, **kwargs) -> None:
-        Path(where).write_bytes(b"PAR1")
+    def full(writer, table, *args, **kwargs) -> None:  # after the file was opened and its header written
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     if failure == "full disk":
-        monkeypatch.setattr(pq, "write_table", full)
+        monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
     else:
         monkeypatch.setattr(tempfile, "mkstemp", read_only)
     code, out, err = run_cli("run", str(tl_spec(tokens=50)))

@@ -81,6 +81,20 @@ def test_running_a_spec_again_replaces_its_rows(tl_spec, sae_folders, tmp_path: 
     assert set(pd.read_parquet(first.output)["spec_name"]) == {"tiny-tl", "another-spec"}
 
 
+def test_tables_written_a_slice_at_a_time_read_back_whole(tl_spec, sae_folders, monkeypatch, tmp_path: Path) -> None:
+    from saebench_poly import leaderboard
+
+    result = run_benchmark(load_spec(tl_spec(entries=sae_folders[:1], tokens=100)), write=False)
+    schema = leaderboard.units_schema(result.units.columns)
+    leaderboard.write_frame(result.units, schema, str(tmp_path / "whole.parquet"))
+    monkeypatch.setattr(leaderboard, "WRITE_ROWS", 7)  # the per-unit table (~100 rows) in many row groups
+    leaderboard.write_frame(result.units, schema, str(tmp_path / "sliced.parquet"))
+    assert pq.ParquetFile(tmp_path / "sliced.parquet").metadata.num_row_groups == -(-len(result.units) // 7)
+    whole, sliced = (pq.read_table(tmp_path / name) for name in ("whole.parquet", "sliced.parquet"))
+    assert sliced.equals(whole) and sliced.schema.metadata == whole.schema.metadata
+    assert whole.schema.metadata[SCHEMA_METADATA_KEY] == str(SCHEMA_VERSION).encode()
+
+
 def test_the_embedded_default_runs_and_saes_beat_neurons_at_finding_true_features(run_cli, tmp_path: Path) -> None:
     repository = Path(__file__).resolve().parent.parent
     code, out, err = run_cli("run", str(repository / "benchmarks" / "toy-superposition.toml"),
