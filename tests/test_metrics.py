@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saebench_poly.metrics import EntryBatch, all_metrics
-from saebench_poly.metrics.core import Reconstruction, Sparsity
+from saebench_poly.metrics.core import Reconstruction, Sparsity, row_dots
 from saebench_poly.metrics.feature_recovery import FeatureRecovery
 from saebench_poly.metrics.moments import Moments, symmetric_gram
 from saebench_poly.sources.base import BasisEntry, NeuronEntry, SAEEntry
@@ -115,6 +115,14 @@ def test_moments_of_parts_merge_to_the_moments_of_the_whole() -> None:
             moments.merge(Moments.of(chunk))
         assert moments.comoment.dtype == torch.float64 and moments.count == 3000
         torch.testing.assert_close(moments.covariance(), exact, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(2048, 1536), (7, 3), (1, 5000)])
+def test_row_dots_are_vecdot_bit_for_bit(shape) -> None:
+    generator = torch.Generator().manual_seed(shape[1])
+    a, b = (torch.randn(*shape, dtype=torch.float64, generator=generator) for _ in range(2))
+    assert torch.equal(row_dots(a, b), torch.linalg.vecdot(a, b))
+    assert torch.equal(row_dots(a, a), torch.linalg.vecdot(a, a))
 
 
 @pytest.mark.parametrize("width", [1, 255, 256, 257, 600])

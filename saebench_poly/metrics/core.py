@@ -106,13 +106,15 @@ class Reconstruction(Accumulator):
             return
         # what depends on x alone is computed once per batch for all the entries at the hook
         x, x_norm, mean_b, m2_b = batch.per_hook("reconstruction", _input_statistics)
-        x_hat = batch.x_hat.detach().to(torch.float64)
-        error = x - x_hat
-        error_squared = torch.linalg.vecdot(error, error)  # one pass, no squared copy
+        x_hat = batch.x_hat.detach()
+        x_hat64 = x_hat.to(torch.float64)
+        hat_norm = row_dots(x_hat64, x_hat64).sqrt()
+        dot = row_dots(x, x_hat64)
+        # x_hat - x, in place when the float64 copy is this update's own: its squares are those of x - x_hat
+        error = x_hat64.sub_(x) if x_hat64.data_ptr() != x_hat.data_ptr() else x_hat64 - x
+        error_squared = row_dots(error, error)
         self.squared_error += float(error_squared.sum())
         self._merge_moments(n, mean_b, m2_b)
-        hat_norm = torch.linalg.vecdot(x_hat, x_hat).sqrt()
-        dot = torch.linalg.vecdot(x, x_hat)
         keep = x_norm > 0
         kept = int(keep.sum())
         if kept < n:  # tokens with x = 0 count in none of the means below
@@ -145,6 +147,12 @@ class Reconstruction(Accumulator):
             "relative_l2_error": self.relative_error_sum / nonzero,
             "l2_norm_ratio": self.norm_ratio_sum / nonzero,
         }
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[n]``: a_t . b_t of each row. ``(a * b).sum(dim=1)``: the same bits as ``torch.linalg.vecdot`` (tested),
+    in about half its time on the CPU."""
+    return (a * b).sum(dim=1)
 
 
 def _input_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
