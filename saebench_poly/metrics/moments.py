@@ -65,11 +65,19 @@ class Moments:
         return cls(n, mean, symmetric_gram(centred))
 
     def merge(self, other: Moments) -> None:
-        """Fold ``other`` (moments of other rows) in; ``other`` is left unchanged."""
+        """Fold ``other`` (moments of other rows) in; ``other`` is left unchanged. `chan_merge`'s sums, the co-moment
+        updated in place (a batch's moments can be shared by several accumulators: the first merge copies them)."""
         if other.count == 0:
             return
-        self.count, self.mean, self.comoment = chan_merge(self.count, self.mean, self.comoment, other.count,
-                                                          other.mean, other.comoment)
+        if self.count == 0:
+            self.count, self.mean, self.comoment = other.count, other.mean.clone(), other.comoment.clone()
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        spread = torch.outer(delta, delta).mul_(self.count * other.count / total)
+        self.comoment.add_(other.comoment).add_(spread)  # (C_a + C_b) + spread, as chan_merge sums them
+        self.mean = self.mean + delta * (other.count / total)
+        self.count = total
 
     def update(self, x: torch.Tensor) -> None:
         """Fold the rows of ``x`` in."""
