@@ -117,6 +117,22 @@ def test_moments_of_parts_merge_to_the_moments_of_the_whole() -> None:
         torch.testing.assert_close(moments.covariance(), exact, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_leave_their_rows_and_the_merged_moments_unchanged(dtype) -> None:
+    x = torch.randn(50, 4, dtype=dtype, generator=torch.Generator().manual_seed(8)) + 3
+    kept = x.clone()
+    batch = Moments.of(x)
+    assert torch.equal(x, kept)  # a float64 input is not centred in place
+    shared = (batch.mean.clone(), batch.comoment.clone())
+    first, second = Moments(), Moments()
+    for moments in (first, second):  # two accumulators merge the same batch's moments, then more rows
+        moments.merge(batch)
+        moments.update(x[:10] * 2)
+    assert torch.equal(batch.mean, shared[0]) and torch.equal(batch.comoment, shared[1])
+    assert torch.equal(first.comoment, second.comoment)
+    torch.testing.assert_close(first.covariance(), torch.cov(torch.cat([x, x[:10] * 2]).double().T))
+
+
 @pytest.mark.parametrize("shape", [(2048, 1536), (7, 3), (1, 5000)])
 def test_row_dots_are_vecdot_bit_for_bit(shape) -> None:
     generator = torch.Generator().manual_seed(shape[1])

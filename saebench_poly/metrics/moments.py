@@ -59,9 +59,9 @@ class Moments:
         n = x.shape[0]
         if n == 0:
             return cls()
-        x = x.to(torch.float64)
-        mean = x.mean(dim=0)
-        centred = x - mean
+        wide = x.to(torch.float64)
+        mean = wide.mean(dim=0)
+        centred = wide.sub_(mean) if wide.data_ptr() != x.data_ptr() else wide - mean  # in place on its own copy
         return cls(n, mean, symmetric_gram(centred))
 
     def merge(self, other: Moments) -> None:
