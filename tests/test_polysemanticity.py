@@ -22,7 +22,7 @@ from saebench_poly.metrics.behaviours import (
     row_quantiles,
     unit_behaviours,
 )
-from saebench_poly.metrics.examples import PAD_KEY, ExampleSelector, example_keys
+from saebench_poly.metrics.examples import ExampleSelector, example_keys
 from saebench_poly.metrics.polysemanticity import Polysemanticity, PolysemanticityOptions
 from saebench_poly.models import Batch, ModelConfig
 from saebench_poly.models.base import ForwardOutput, ModelAdapter, UnitInputs
@@ -281,12 +281,12 @@ def test_pruning_the_store_unit_by_unit_changes_nothing(codes, monkeypatch) -> N
     stores = []
     for chunk in (1, 10**9):
         copy = ExampleSelector(z.shape[1], 0.75, 10, 3)
-        for name in ("maximum", "key", "context", "position", "activation"):
+        for name in ("maximum", "context", "position", "activation"):
             setattr(copy, name, getattr(selector, name).clone())
         monkeypatch.setattr(examples, "PRUNE_CHUNK", chunk)
         copy._prune(copy._threshold())
-        stores.append([copy.key, copy.context, copy.position, copy.activation])
-    assert stores[0][0].shape[1] < selector.key.shape[1]  # it pruned
+        stores.append([copy.context, copy.position, copy.activation])
+    assert stores[0][0].shape[1] < selector.context.shape[1]  # it pruned
     assert all(torch.equal(a, b) for a, b in zip(*stores, strict=True))
 
 
@@ -295,13 +295,15 @@ def test_the_store_grows_in_place_with_room_to_spare(codes) -> None:
     selector = ExampleSelector(z.shape[1], 0.75, 10, 3)
     selector._pruned_capacity = 10**9  # no pruning while fed
     for rows in torch.arange(len(z)).split(7):
-        before = selector.key
+        before = selector.context
         selector.update(z[rows], context[rows], position[rows])
-        assert selector.used <= selector.key.shape[1]
-        if before is not None and selector.key.shape == before.shape:
-            assert selector.key.data_ptr() == before.data_ptr()  # written in place: no copy of the store
-    assert selector.key.shape[1] > selector.used  # room to spare, all padding
-    assert (selector.context[:, selector.used :] == -1).all() and (selector.key[:, selector.used :] == PAD_KEY).all()
+        assert selector.used <= selector.context.shape[1]
+        if before is not None and selector.context.shape == before.shape:
+            assert selector.context.data_ptr() == before.data_ptr()  # written in place: no copy of the store
+    assert selector.context.shape[1] > selector.used  # room to spare, all padding
+    assert (selector.context[:, selector.used :] == -1).all()
+    assert (selector.activation[:, selector.used :] == -torch.inf).all()
+    assert selector.position.dtype == torch.int32 and not hasattr(selector, "key")  # 20 bytes a candidate
 
 
 # --- behaviours on known answers ------------------------------------------------------------------------------------

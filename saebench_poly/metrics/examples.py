@@ -22,8 +22,9 @@ that can no longer be sampled:
    m <= (the m of rank r) and key > kappa_r is dropped.
 
 Neither rule drops a context of the final sample, so after the pass the sample is the S smallest-key candidates that
-qualify under the final M_u: exact. A candidate is (key, context, position, m), nothing more; with keys independent
-of m a unit keeps about S (1 + log2(n / S)) candidates for n contexts that qualified so far.
+qualify under the final M_u: exact. A candidate is (context, position, m), nothing more (20 bytes: its key is a
+function of the unit and the context, recomputed when the store is pruned or read); with keys independent of m a unit
+keeps about S (1 + log2(n / S)) candidates for n contexts that qualified so far.
 
 Every context must lie within a single batch (as `saebench_poly.activations.score` feeds them). Selectors fed
 disjoint sets of contexts merge exactly (`ExampleSelector.merge`).
@@ -40,6 +41,8 @@ PAD_KEY = 2**63 - 1
 # times this many int64 values, however large the store.
 PRUNE_CHUNK = 1 << 20
 _NO_POSITION = 2**62
+# The candidate store's arrays and their padding.
+_STORE = {"context": -1, "position": 0, "activation": -torch.inf}
 
 
 def _as_signed(value: int) -> int:
@@ -100,10 +103,10 @@ class ExampleSelector:
         # The store is pruned when it has grown to twice its size after the last pruning: dropping a candidate later
         # changes nothing (the rules only drop candidates that can never be sampled), and sorting less often is cheaper.
         self._pruned_capacity = max_examples
-        # The candidate store: [width, capacity], padded with key PAD_KEY, context -1, activation -inf; candidates
-        # lie in its first `used` columns, and it grows by half its capacity at a time (a batch writes in place
-        # instead of copying the whole store).
-        self.key = self.context = self.position = self.activation = None
+        # The candidate store: [width, capacity] contexts (int64), positions (int32) and activations (float64),
+        # padded with context -1, position 0, activation -inf; candidates lie in its first `used` columns, and it
+        # grows by half its capacity at a time (a batch writes in place instead of copying the whole store).
+        self.context = self.position = self.activation = None
         self.used = 0
 
     def _threshold(self) -> torch.Tensor:
@@ -135,16 +138,15 @@ class ExampleSelector:
         if self.maximum is None:
             self._allocate(other.maximum.device)
         self.maximum = torch.maximum(self.maximum, other.maximum)
-        for name in ("key", "context", "position", "activation"):
+        for name in _STORE:
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], dim=1))
         self._prune(self._threshold())
         self._pruned_capacity = max(self.max_examples, self.used)
 
     def _allocate(self, device: torch.device) -> None:
         self.maximum = torch.full((self.width,), -torch.inf, dtype=torch.float64, device=device)
-        self.key = torch.full((self.width, 0), PAD_KEY, dtype=torch.int64, device=device)
         self.context = torch.full((self.width, 0), -1, dtype=torch.int64, device=device)
-        self.position = torch.zeros((self.width, 0), dtype=torch.int64, device=device)
+        self.position = torch.zeros((self.width, 0), dtype=torch.int32, device=device)
         self.activation = torch.full((self.width, 0), -torch.inf, dtype=torch.float64, device=device)
         self.used = 0
 
@@ -181,11 +183,9 @@ class ExampleSelector:
         counts = torch.bincount(units, minlength=self.width)
         slot = torch.arange(units.numel(), device=units.device) - (torch.cumsum(counts, 0) - counts)[units]
         needed = self.used + int(counts.max())
-        capacity = self.key.shape[1]
+        capacity = self.context.shape[1]
         column = self.used + slot
-        keys = example_keys(self.seed, units, contexts)
-        for name, new, pad in (("key", keys, PAD_KEY), ("context", contexts, -1), ("position", positions, 0),
-                               ("activation", values, -torch.inf)):
+        for (name, pad), new in zip(_STORE.items(), (contexts, positions, values), strict=True):
             store = getattr(self, name)
             if needed > capacity:
                 store = _padded(store, max(needed, capacity + capacity // 2), pad)
@@ -196,21 +196,21 @@ class ExampleSelector:
     def _prune(self, threshold: torch.Tensor) -> None:
         """Rules 1 and 2 of the module docstring, then the kept candidates are packed to the left; in chunks of
         units (`PRUNE_CHUNK` candidates at a time), so that its sorts and masks never span the whole store."""
-        rows = max(1, PRUNE_CHUNK // max(self.key.shape[1], 1))
+        rows = max(1, PRUNE_CHUNK // max(self.context.shape[1], 1))
         parts = [self._prune_units(start, min(start + rows, self.width), threshold) for start in range(0, self.width, rows)]
         kept = max((part[0].shape[1] for part in parts), default=0)
         self.used = kept
-        for index, (name, pad) in enumerate((("key", PAD_KEY), ("context", -1), ("position", 0), ("activation", -torch.inf))):
+        for index, (name, pad) in enumerate(_STORE.items()):
             setattr(self, name, torch.cat([_padded(part[index], kept, pad) for part in parts]))
             for part in parts:  # each chunk's copy goes once it is in the new store
                 part[index] = None
 
     def _prune_units(self, start: int, stop: int, threshold: torch.Tensor) -> list[torch.Tensor]:
-        """Units [start, stop) pruned: their kept (key, context, position, activation), packed to the left."""
-        key, context, position, activation = (getattr(self, name)[start:stop] for name in ("key", "context", "position", "activation"))
+        """Units [start, stop) pruned: their kept (context, position, activation), packed to the left."""
+        context, position, activation = (getattr(self, name)[start:stop] for name in _STORE)
         valid = activation >= threshold[start:stop, None]
         activation_valid = torch.where(valid, activation, -torch.inf)
-        key_valid = torch.where(valid, key, PAD_KEY)
+        key_valid = torch.where(valid, self._keys(start, context), PAD_KEY)
         by_activation = torch.sort(activation_valid, dim=1, descending=True, stable=True).indices
         ranked_activation, ranked_key = activation_valid.gather(1, by_activation), key_valid.gather(1, by_activation)
         drop = ~valid
@@ -224,23 +224,29 @@ class ExampleSelector:
         kept = int(keep.sum(dim=1).max()) if keep.numel() else 0
         order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices[:, :kept]
         keep = keep.gather(1, order)
-        return [torch.where(keep, key.gather(1, order), PAD_KEY), torch.where(keep, context.gather(1, order), -1),
+        return [torch.where(keep, context.gather(1, order), -1),
                 torch.where(keep, position.gather(1, order), 0), torch.where(keep, activation.gather(1, order), -torch.inf)]
 
     def release(self) -> None:
         """Free the candidate store once the sample has been read (`result`): it grows with the log of the tokens
         and is dead weight after the pass. The selector can then be fed and read no more."""
-        self.key = self.context = self.position = self.activation = None
+        self.context = self.position = self.activation = None
+
+    def _keys(self, start: int, context: torch.Tensor) -> torch.Tensor:
+        """k_u(c) of the candidates ``context`` ``[rows, columns]`` of units start, start + 1, ... (PAD_KEY where
+        there is none)."""
+        units = torch.arange(start, start + context.shape[0], device=context.device)[:, None]
+        return torch.where(context >= 0, example_keys(self.seed, units, context), PAD_KEY)
 
     def result(self, device: torch.device | None = None) -> Examples:
         """The exact sample (module docstring), once every batch has been fed."""
-        if self.maximum is not None and self.key is None:  # fed, then released (a fed store always has a key)
+        if self.maximum is not None and self.context is None:  # fed, then released (a fed store always has one)
             raise RuntimeError("the selector's candidates were released: read its result before release()")
         if self.maximum is None:
             self._allocate(device or torch.device("cpu"))
         sample = self.max_examples
         valid = (self.context >= 0) & (self.activation >= self._threshold()[:, None])
-        key = torch.where(valid, self.key, PAD_KEY)
+        key = torch.where(valid, self._keys(0, self.context), PAD_KEY)
         context = torch.where(valid, self.context, PAD_KEY)
         by_context = torch.sort(context, dim=1, stable=True).indices
         order = by_context.gather(1, torch.sort(key.gather(1, by_context), dim=1, stable=True).indices)[:, :sample]
@@ -249,5 +255,5 @@ class ExampleSelector:
         def take(values: torch.Tensor, fill: float | int) -> torch.Tensor:
             return _padded(torch.where(chosen, values.gather(1, order), fill), sample, fill)
 
-        return Examples(context=take(self.context, -1), position=take(self.position, 0),
+        return Examples(context=take(self.context, -1), position=take(self.position, 0).to(torch.int64),
                         activation=take(self.activation, -torch.inf), count=chosen.sum(dim=1), maximum=self.maximum)
