@@ -37,7 +37,7 @@ from saebench_poly.models.base import Batch
 CHECKPOINT_FILE = "pass-checkpoint.safetensors"
 DEFAULT_EVERY = 100  # batches: the default of saebench-poly run --checkpoint-every
 FORMAT_NAME = "saebench-poly pass checkpoint"
-FORMAT = f"{FORMAT_NAME} 2"  # 2: the example selector's store records its used columns
+FORMAT = f"{FORMAT_NAME} 2"  # 2: the example selector's store records its used columns and holds no keys
 _PACKAGE = "saebench_poly."
 
 

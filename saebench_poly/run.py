@@ -137,7 +137,8 @@ def prepare_run(loaded: LoadedSpec, reporter: Reporter | None = None,
         _check_model_kwargs(loaded, entries)
     _check_metrics_apply(spec, metrics, entries, adapter, reporter)
     if entry_names is not None:
-        entries = [entry for entry in entries if entry.name in set(entry_names)]
+        kept = set(entry_names)
+        entries = [entry for entry in entries if entry.name in kept]
 
     to_fit = [entry.name for entry in entries if entry.needs_fit]
     if to_fit and inputs.contexts_in("fit") == 0:

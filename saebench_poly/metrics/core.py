@@ -106,12 +106,10 @@ class Reconstruction(Accumulator):
             return
         # what depends on x alone is computed once per batch for all the entries at the hook
         x, x_norm, mean_b, m2_b = batch.per_hook("reconstruction", _input_statistics)
-        x_hat = batch.x_hat.detach()
-        x_hat64 = x_hat.to(torch.float64)
-        hat_norm = row_dots(x_hat64, x_hat64).sqrt()
-        dot = row_dots(x, x_hat64)
-        # x_hat - x, in place when the float64 copy is this update's own: its squares are those of x - x_hat
-        error = x_hat64.sub_(x) if x_hat64.data_ptr() != x_hat.data_ptr() else x_hat64 - x
+        x_hat = batch.x_hat.detach().to(torch.float64, copy=True)  # this update's own copy
+        hat_norm = row_dots(x_hat, x_hat).sqrt()
+        dot = row_dots(x, x_hat)
+        error = x_hat.sub_(x)  # x_hat - x, in place: its squares are those of x - x_hat
         error_squared = row_dots(error, error)
         self.squared_error += float(error_squared.sum())
         self._merge_moments(n, mean_b, m2_b)

@@ -59,10 +59,9 @@ class Moments:
         n = x.shape[0]
         if n == 0:
             return cls()
-        wide = x.to(torch.float64)
+        wide = x.to(torch.float64, copy=True)  # its own copy, centred in place
         mean = wide.mean(dim=0)
-        centred = wide.sub_(mean) if wide.data_ptr() != x.data_ptr() else wide - mean  # in place on its own copy
-        return cls(n, mean, symmetric_gram(centred))
+        return cls(n, mean, symmetric_gram(wide.sub_(mean)))
 
     def merge(self, other: Moments) -> None:
         """Fold ``other`` (moments of other rows) in; ``other`` is left unchanged. `chan_merge`'s sums, the co-moment
