@@ -1,4 +1,5 @@
-# `make run` scores the embedded default benchmark and compares it with the committed leaderboard; `make test` runs
+# `make run` scores the embedded default benchmark and compares it with the committed leaderboard (in MKL's
+# compatible mode, MKL_CBWR=COMPATIBLE, the same numbers on every x86 CPU: README, Reproducibility); `make test` runs
 # the test suite; `make leaderboards` regenerates the committed leaderboards from scratch. All create .venv first.
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +21,7 @@ $(BIN)/saebench-poly: pyproject.toml
 install: $(BIN)/saebench-poly
 
 run: install
-	$(BIN)/saebench-poly run toy-superposition --output $(RUN_DIR)/toy-superposition.parquet
+	MKL_CBWR=COMPATIBLE $(BIN)/saebench-poly run toy-superposition --output $(RUN_DIR)/toy-superposition.parquet
 	$(BIN)/saebench-poly check $(RUN_DIR)/toy-superposition.parquet --baseline leaderboards/toy-superposition.parquet \
 		--report-dir $(RUN_DIR)/check-report
 	$(BIN)/saebench-poly report $(RUN_DIR)/toy-superposition.parquet
@@ -33,8 +34,8 @@ test: install
 leaderboards: install
 	rm -rf benchmarks/.artifacts
 	rm -f leaderboards/toy-superposition*.parquet leaderboards/incidental-polysemanticity*.parquet
-	$(BIN)/saebench-poly run toy-superposition
-	$(BIN)/saebench-poly run incidental-polysemanticity
+	MKL_CBWR=COMPATIBLE $(BIN)/saebench-poly run toy-superposition
+	MKL_CBWR=COMPATIBLE $(BIN)/saebench-poly run incidental-polysemanticity
 
 clean:
 	rm -rf $(VENV) benchmarks/.artifacts $(RUN_DIR)

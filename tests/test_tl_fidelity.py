@@ -57,7 +57,7 @@ def uncentred_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_hooked_transformer(model, tmp_path_factory.mktemp("uncentred"))
 
 
-def load(folder: Path, **kwargs):
+def load_adapter(folder: Path, **kwargs):
     import torch
 
     from saebench_poly.models.base import ModelConfig
@@ -65,7 +65,11 @@ def load(folder: Path, **kwargs):
 
     options = {"model_from_pretrained_kwargs": kwargs} if kwargs else {}
     return load_hooked_transformer(ModelConfig(loader="transformer_lens", name=str(folder), options=options),
-                                   torch.device("cpu"), torch.float32).model
+                                   torch.device("cpu"), torch.float32)
+
+
+def load(folder: Path, **kwargs):
+    return load_adapter(folder, **kwargs).model
 
 
 def test_a_local_folder_loads_without_weight_processing_unless_asked(uncentred_dir) -> None:
@@ -150,3 +154,37 @@ def test_loader_option_mistakes_are_one_line(uncentred_dir, tiny_tl_model_dir, t
         code, out, err = run_cli("run", str(spec))
         assert code == 2 and err.splitlines()[-1].startswith("saebench-poly: error:"), err
         assert ("model_from_pretrained_kwargs" in err.splitlines()[-1]) and (words != "unknown" or "n_devices" in err)
+
+
+@pytest.mark.parametrize("variant", [{}, {"positional_embedding_type": "shortformer"}, {"parallel_attn_mlp": True},
+                                     {"normalization_type": "RMS", "use_normalization_before_and_after": True}],
+                         ids=["standard", "shortformer", "parallel", "post-norms"])
+def test_a_spliced_forward_restarts_where_its_hook_is_and_gives_the_full_forwards_bits(variant, tmp_path) -> None:
+    """hook_resid_post and hook_mlp_out end their block, so their splices restart at the next block (after the last:
+    only the unembedding) from the clean cache; other hooks restart at their own block. Bit for bit the forward
+    from the tokens with the hook replaced."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from saebench_poly.models.base import Batch
+    from saebench_poly.models.hooked import save_hooked_transformer
+
+    cfg = HookedTransformerConfig(**({"n_layers": 2, "d_model": D_MODEL, "n_ctx": 32, "d_head": 4, "n_heads": 4,
+                                      "d_mlp": D_MLP, "d_vocab": VOCAB, "act_fn": "gelu", "normalization_type": "LN",
+                                      "seed": 0} | variant))
+    adapter = load_adapter(save_hooked_transformer(HookedTransformer(cfg), tmp_path / "model"))
+    tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    batch = Batch(tokens, torch.ones(3, 12, dtype=torch.bool))
+    hooks = [f"blocks.{layer}.{name}" for layer in range(2)
+             for name in ("hook_resid_pre", "hook_attn_out", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")]
+    clean = adapter.forward(batch, hooks)
+    assert adapter._restart("blocks.1.hook_mlp_out")[0] == adapter._restart("blocks.1.hook_resid_post")[0] == 2
+    assert adapter._restart("blocks.1.mlp.hook_post")[0] == 1
+
+    def replacement(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x + 0.25
+
+    for hook in hooks:
+        full = adapter.model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook: replacement(act))])
+        assert torch.equal(adapter.forward_with_replacement(batch, clean, hook, replacement), full), hook
+

@@ -12,8 +12,8 @@ so and stops. `saebench_side.py` runs SAEBench's two phases there; this script r
   ``run`` with the core metrics;
 - whole core eval: the two phases; our full suite (every metric family) on both phases' rows.
 
-Wall seconds, medians of ``--repeats``, at each ``--threads``; ours include loading the model and SAE and writing
-the leaderboard, theirs only the phases. Then every metric that both compute, side by side.
+Wall seconds, medians of ``--repeats``, at each ``--threads``; theirs time the phases alone, ours the whole ``run``
+(loading the model and SAE, the pass, writing the leaderboard) and its scoring pass alone (the same work as theirs). Then every metric that both compute, side by side.
 
     python benchmarks/perf/bench_saebench.py --saebench-python /path/to/python [--threads 1 2] [--repeats 3]
 """
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,18 +95,36 @@ def spec(folder: Path, name: str, rows: int, metrics: list[str] | None) -> Path:
     return path
 
 
-def ours(path: Path) -> tuple[float, dict[str, float]]:
-    """Wall seconds of one `run` of the spec, and its values."""
+class PassTimer:
+    """A `saebench_poly.run.Reporter` that times the scoring pass (the work that SAEBench's phases time)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def task(self, description: str, total: int | None):
+        start = time.perf_counter()
+        yield lambda _n: None
+        if description.startswith("scoring"):
+            self.seconds += time.perf_counter() - start
+
+    def message(self, text: str) -> None:
+        pass
+
+
+def ours(path: Path) -> tuple[float, float, dict[str, float]]:
+    """Wall seconds of one `run` of the spec and of its scoring pass alone, and its values."""
     from saebench_poly.run import run_benchmark
     from saebench_poly.spec import load_spec
 
     loaded = load_spec(path)
     loaded.output_path.unlink(missing_ok=True)
+    timer = PassTimer()
     start = time.perf_counter()
-    run_benchmark(loaded)
+    run_benchmark(loaded, timer)
     seconds = time.perf_counter() - start
     board = pd.read_parquet(loaded.output_path)
-    return seconds, dict(zip(board["metric"], board["value"], strict=True))
+    return seconds, timer.seconds, dict(zip(board["metric"], board["value"], strict=True))
 
 
 def theirs(python: str, folder: Path, threads: int, repeats: int, recon_rows: int, sparsity_rows: int) -> dict:
@@ -144,26 +163,32 @@ def main() -> None:
         tokens["whole"] = tokens["full suite"] = tokens["reconstruction"] + tokens["sparsity"]
         print(f"{MODEL['n_layers']} layers, d_model {MODEL['d_model']}, a {D_SAE}-latent ReLU SAE on {HOOK}; rows of "
               f"{CONTEXT} (BOS ignored); wall seconds, median of {args.repeats}; tokens/s counts every row position")
-        print("| work | threads | SAEBench tok/s | ours tok/s | ours / SAEBench |\n|---|---|---|---|---|")
+        print("| work | threads | SAEBench tok/s | ours tok/s: run / pass | ours / SAEBench: run / pass |\n"
+              "|---|---|---|---|---|")
         values: dict[str, float] = {}
         for threads in args.threads:
             torch.set_num_threads(threads)
             them = theirs(python, folder, threads, args.repeats, args.recon_rows, args.sparsity_rows)
             seconds: dict[str, list[float]] = {work: [] for work in specs}
+            passes: dict[str, list[float]] = {work: [] for work in specs}
             for _ in range(args.repeats):
                 for work, path in specs.items():
-                    elapsed, measured = ours(path)
+                    elapsed, scoring, measured = ours(path)
                     seconds[work].append(elapsed)
+                    passes[work].append(scoring)
                     if work != "full suite":
                         values.update(measured)
             mine = {work: statistics.median(s) for work, s in seconds.items()}
+            mine_pass = {work: statistics.median(s) for work, s in passes.items()}
             mine["whole"] = mine["reconstruction"] + mine["sparsity"]
+            mine_pass["whole"] = mine_pass["reconstruction"] + mine_pass["sparsity"]
             theirs_s = {**them["seconds"], "whole": sum(them["seconds"].values())}
             for work in ("reconstruction", "sparsity", "whole", "full suite"):
-                rate = tokens[work] / mine[work]
+                rate, pass_rate = tokens[work] / mine[work], tokens[work] / mine_pass[work]
                 base = tokens[work] / theirs_s["whole" if work == "full suite" else work]
                 label = {"full suite": "our full suite vs their core eval"}.get(work, f"{work} phase")
-                print(f"| {label}, {tokens[work]:,} tokens | {threads} | {base:,.0f} | {rate:,.0f} | {rate / base:.2f} |")
+                print(f"| {label}, {tokens[work]:,} tokens | {threads} | {base:,.0f} | {rate:,.0f} / {pass_rate:,.0f} | "
+                      f"{rate / base:.2f} / {pass_rate / base:.2f} |")
         print("\n| ours | SAEBench | ours | SAEBench | difference | note |\n|---|---|---|---|---|---|")
         for mine_name, their_name, read, note in AGREEMENT:
             a, b = values[mine_name], read(them["metrics"])

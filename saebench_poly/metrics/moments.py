@@ -27,18 +27,20 @@ GRAM_BLOCK = 256
 
 
 def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x ``[d, d]`` from the blocks on and above its diagonal only, each mirrored below it: the same products as
-    one matrix product, for about (1 + 1 / b) / 2 of its multiplications with b blocks of `GRAM_BLOCK` columns
-    (a BLAS's symmetric rank-k update, which torch does not expose). At most one block: the plain product."""
+    """x^T x ``[d, d]``, exactly symmetric, from the blocks on and above its diagonal only, each mirrored below it: the
+    same products as one matrix product, for about (1 + 1 / b) / 2 of its multiplications with b blocks of
+    `GRAM_BLOCK` columns (a BLAS's symmetric rank-k update, which torch does not expose). A diagonal block keeps its
+    upper triangle, mirrored too: a BLAS need not give x_i . x_j and x_j . x_i the same rounding."""
     d = x.shape[1]
-    if d <= GRAM_BLOCK:
-        return x.T @ x
     gram = torch.empty(d, d, dtype=x.dtype, device=x.device)
     for start in range(0, d, GRAM_BLOCK):
         stop = min(start + GRAM_BLOCK, d)
         block = x[:, start:stop].T @ x[:, start:]
         gram[start:stop, start:] = block
         gram[stop:, start:stop] = block[:, stop - start :].T
+        diagonal = gram[start:stop, start:stop]
+        lower = torch.ones_like(diagonal, dtype=torch.bool).tril_(-1)
+        diagonal[lower] = diagonal.T[lower]
     return gram
 
 

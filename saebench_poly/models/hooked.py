@@ -265,7 +265,7 @@ class HookedTransformerAdapter(ModelAdapter):
 
     def forward(self, batch: Batch, hooks: Sequence[str], logits: bool = True) -> ForwardOutput:
         self._check_tokens(batch.inputs)
-        resume_hooks = {self._resume_hook(h) for h in hooks} - {None}
+        resume_hooks = {name for h in hooks for name in self._restart(h)[1]}
         if resume_hooks and self.model.cfg.positional_embedding_type == "shortformer":
             # shortformer models add the positional embedding to each block's attention input, not to the
             # residual stream: a forward restarted part-way needs it given again
@@ -282,26 +282,52 @@ class HookedTransformerAdapter(ModelAdapter):
     def forward_with_replacement(
         self, batch: Batch, clean: ForwardOutput, hook: str, replacement: Replacement
     ) -> torch.Tensor:
-        def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001 - transformer-lens signature
+        def replace(act: torch.Tensor, hook: Any = None) -> torch.Tensor:  # noqa: ARG001 - transformer-lens signature
             return replacement(_flatten_heads(act)).reshape(act.shape).to(act.dtype)
 
-        start_hook = self._resume_hook(hook)
+        layer, cached = self._restart(hook)
+        pos_embed = clean.resume.get(_POS_EMBED_HOOK)
         with torch.no_grad():
-            if start_hook is None:
+            if layer is None:
                 return self.model.run_with_hooks(batch.inputs, fwd_hooks=[(hook, replace)])
-            layer = int(_BLOCK_HOOK.match(hook).group(1))  # type: ignore[union-attr]
+            if hook in cached:  # the hook ends its block: the residual entering the next block, from the clean cache
+                *addends, own = (clean.resume[name] for name in cached)
+                residual = replace(own)
+                if addends:
+                    residual = sum(addends[1:], addends[0]) + residual  # as the block sums them, left to right
+                return self.model(residual, start_at_layer=layer, tokens=batch.inputs, shortformer_pos_embed=pos_embed)
             return self.model.run_with_hooks(
-                clean.resume[start_hook], start_at_layer=layer, tokens=batch.inputs, fwd_hooks=[(hook, replace)],
-                shortformer_pos_embed=clean.resume.get(_POS_EMBED_HOOK),
+                clean.resume[cached[0]], start_at_layer=layer, tokens=batch.inputs, fwd_hooks=[(hook, replace)],
+                shortformer_pos_embed=pos_embed,
             )
 
-    @staticmethod
-    def _resume_hook(hook: str) -> str | None:
+    def _restart(self, hook: str) -> tuple[int | None, tuple[str, ...]]:
+        """Where a forward spliced at ``hook`` restarts, and the clean activations it restarts from: ``(None, ())``
+        outside the blocks (the whole forward); after block L for the hooks that end it (``hook_resid_post``, and
+        ``hook_mlp_out`` of a `TransformerBlock`, whose residual stream out is hook_resid_mid + hook_mlp_out, or
+        hook_resid_pre + hook_attn_out + hook_mlp_out with a parallel MLP), from those addends and the hook's own clean
+        value (last); else at block L from its ``hook_resid_pre``."""
         match = _BLOCK_HOOK.match(hook)
-        return f"blocks.{match.group(1)}.hook_resid_pre" if match else None
+        if match is None:
+            return None, ()
+        layer = int(match.group(1))
+        block = f"blocks.{layer}."
+        if hook == f"{block}hook_resid_post":
+            return layer + 1, (hook,)
+        if hook == f"{block}hook_mlp_out" and type(self.model.blocks[layer]) is _transformer_block():
+            if self.model.cfg.parallel_attn_mlp:
+                return layer + 1, (f"{block}hook_resid_pre", f"{block}hook_attn_out", hook)
+            return layer + 1, (f"{block}hook_resid_mid", hook)
+        return layer, (f"{block}hook_resid_pre",)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokenizer": getattr(self.tokenizer, "name_or_path", "") or ""}
+
+
+def _transformer_block() -> type:
+    from transformer_lens.components import TransformerBlock
+
+    return TransformerBlock
 
 
 def _flatten_heads(act: torch.Tensor) -> torch.Tensor:
