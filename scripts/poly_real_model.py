@@ -39,11 +39,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# The trained SAEs: name -> [[train]] fields besides d_sae and training_samples.
+# The trained SAEs by default: name -> [[train]] fields besides d_sae and training_samples (`--sae` sets others).
 SAES: dict[str, dict[str, object]] = {
     "topk-k32": {"architecture": "topk", "k": 32},
     "batchtopk-k64": {"architecture": "batchtopk", "k": 64},
 }
+
+
+def parse_sae(text: str) -> tuple[str, dict[str, object]]:
+    """``NAME:ARCHITECTURE[,FIELD=VALUE...]`` (``[[train]]`` fields, e.g. ``l1:standard,l1_coefficient=3``) as a name
+    and its fields."""
+    name, _, rest = text.partition(":")
+    architecture, *settings = rest.split(",")
+    if not name or not architecture:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME:ARCHITECTURE[,FIELD=VALUE...]")
+    fields: dict[str, object] = {"architecture": architecture}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        fields[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-." else value
+    return name, fields
 NEURONS_PREFIX = "neurons:"
 # Paragraphs shorter than this, or with fewer letters than LETTER_SHARE of their characters, are code or tables.
 MIN_PARAGRAPH = 80
@@ -225,6 +239,9 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=100_000, help="training tokens of each SAE")
     parser.add_argument("--context-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--sae", type=parse_sae, action="append", metavar="NAME:ARCH[,FIELD=VALUE...]",
+                        help="an SAE to train instead of the default two (repeat the option for more), e.g. "
+                        "l1:standard,l1_coefficient=3 or jump:jumprelu,l0_coefficient=1")
     parser.add_argument("--sae-width", type=int, default=3072)
     parser.add_argument("--sae-batch", type=int, default=256)
     parser.add_argument("--sae-lr", type=float, default=1e-3)
@@ -233,6 +250,7 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--out", type=Path, required=True, help="folder for the text, specs, boards and SAEs")
     args = parser.parse_args()
+    saes = dict(args.sae) if args.sae else SAES
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from transformers import AutoTokenizer
@@ -243,7 +261,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     lengths = [len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]  # + the separator
     # a margin of 10% for the BOS of every context and the ignored separators
-    need_a = int(1.1 * (args.fit_tokens + args.tokens + args.train_tokens + len(SAES) * args.sae_batch))
+    need_a = int(1.1 * (args.fit_tokens + args.tokens + args.train_tokens + len(saes) * args.sae_batch))
     need_b = 0 if args.no_slice_b else int(1.1 * args.tokens)
     a, b = split_documents(lengths, need_a, max(need_b, 1))
     (out / "slice_a.txt").write_text("".join(docs[i] + "\n" for i in a))
@@ -253,12 +271,12 @@ def main() -> None:
     common = dict(model=model, hook=args.hook, tokens=args.tokens, fit_tokens=args.fit_tokens,
                   context_size=args.context_size, batch_size=args.batch_size)
     train = [{"name": name, **fields, "d_sae": args.sae_width, "training_samples": args.train_tokens,
-              "batch_size": args.sae_batch, "lr": args.sae_lr, "hook": args.hook} for name, fields in SAES.items()]
+              "batch_size": args.sae_batch, "lr": args.sae_lr, "hook": args.hook} for name, fields in saes.items()]
     first = write_spec(out / "main.toml", name="main", text=out / "slice_a.txt", train=train, entries=[],
                        metrics=None, poly_seed=args.seeds[0], **common)
-    print(f"saebench-poly run {first} ({len(SAES)} SAEs trained, every metric) ...", flush=True)
+    print(f"saebench-poly run {first} ({len(saes)} SAEs trained, every metric) ...", flush=True)
     seconds = {"main": run_cli(first, out / "main.log")}
-    trained = [f"disk:{out / 'artifacts' / 'saes' / name}" for name in SAES]
+    trained = [f"disk:{out / 'artifacts' / 'saes' / name}" for name in saes]
     poly = polysemanticity_metrics()
     runs = {f"seed {args.seeds[0]}": "main"}
     for seed in args.seeds[1:]:
