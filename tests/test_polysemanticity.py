@@ -4,6 +4,7 @@ characteristic examples, behaviours on inputs with known answers, and the toy be
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -517,9 +518,10 @@ def test_foote_rule_on_the_toy_benchmark_gives_polysemantic_neurons_more_behavio
 
     from saebench_poly.models.toy import load_toy_model_folder
 
-    loaded = load_spec(REPOSITORY / "benchmarks" / "toy-superposition.toml")
-    loaded = with_overrides(loaded, {"tokens": 20000, "output": str(tmp_path / "toy.parquet"),  # as the end-to-end test
-                                     "metric_options": {"polysemanticity": {"rule": "components"}}})
+    spec = tmp_path / "toy-superposition.toml"  # a copy, so that its artifacts are not the checkout's (make run's)
+    shutil.copyfile(REPOSITORY / "benchmarks" / "toy-superposition.toml", spec)
+    loaded = with_overrides(load_spec(spec), {"tokens": 20000, "output": str(tmp_path / "toy.parquet"),  # as the end-to-end test
+                                              "metric_options": {"polysemanticity": {"rule": "components"}}})
     units = run_benchmark(loaded, write=False).units
     units = units[units["poly_status"] == "ok"]
     model = load_toy_model_folder(loaded.spec.model.name)
