@@ -1,5 +1,5 @@
 # `make run` scores the embedded default benchmark and compares it with the committed leaderboard (in MKL's
-# compatible mode, MKL_CBWR=COMPATIBLE, the same numbers on every x86 CPU: README, Reproducibility); `make test` runs
+# compatible mode, MKL_CBWR=COMPATIBLE: MKL runs the same code on every x86 CPU; README, Reproducibility); `make test` runs
 # the test suite; `make leaderboards` regenerates the committed leaderboards from scratch. All create .venv first.
 PYTHON ?= python3
 VENV := .venv

@@ -550,10 +550,10 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_a_cold_run_of_the_default_benchmark_matches_the_committed_leaderboard(tmp_path: Path) -> None:
-    """Trains the toy model and its SAEs from nothing (its own artifacts folder) as `make run` does, with two torch
-    threads and MKL in its compatible mode (the same numbers on every x86 CPU: a TopK SAE's training flips with the
-    last bit of a product), and compares every value with `leaderboards/toy-superposition.parquet` (regenerate it
-    with `make leaderboards`) within the tolerances of `check`."""
+    """Trains the toy model and its SAEs from nothing (its own artifacts folder) with MKL in its compatible mode, as
+    `make run` does (MKL then runs the same code on every x86 CPU: a TopK SAE's training flips with the last bit of
+    a product), and two torch threads offered (toy runs take one), and compares every value with `leaderboards/toy-superposition.parquet`
+    (regenerate it with `make leaderboards`) within the tolerances of `check`."""
     from saebench_poly.regression import tolerance_for
 
     spec = tmp_path / "benchmarks" / "toy-superposition.toml"

@@ -156,30 +156,42 @@ def test_loader_option_mistakes_are_one_line(uncentred_dir, tiny_tl_model_dir, t
         assert ("model_from_pretrained_kwargs" in err.splitlines()[-1]) and (words != "unknown" or "n_devices" in err)
 
 
+LEFT_PADDING = "left-padding tokenizer"
+
+
 @pytest.mark.parametrize("variant", [{}, {"positional_embedding_type": "shortformer"}, {"parallel_attn_mlp": True},
-                                     {"normalization_type": "RMS", "use_normalization_before_and_after": True}],
-                         ids=["standard", "shortformer", "parallel", "post-norms"])
+                                     {"normalization_type": "RMS", "use_normalization_before_and_after": True},
+                                     {"attn_only": True}, {"use_hook_mlp_in": True}, LEFT_PADDING],
+                         ids=["standard", "shortformer", "parallel", "post-norms", "attn-only", "hook-mlp-in",
+                              "left-padding"])
 def test_a_spliced_forward_restarts_where_its_hook_is_and_gives_the_full_forwards_bits(variant, tmp_path) -> None:
     """hook_resid_post and hook_mlp_out end their block, so their splices restart at the next block (after the last:
     only the unembedding) from the clean cache; other hooks restart at their own block. Bit for bit the forward
-    from the tokens with the hook replaced."""
+    from the tokens with the hook replaced, also where a left-padding tokenizer makes transformer-lens mask the pad
+    tokens at the start of a row (a restarted forward must be given that mask)."""
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from saebench_poly.models.base import Batch
     from saebench_poly.models.hooked import save_hooked_transformer
 
+    tokenizer = _left_padding_tokenizer() if variant == LEFT_PADDING else None
+    variant = {} if variant == LEFT_PADDING else variant
     cfg = HookedTransformerConfig(**({"n_layers": 2, "d_model": D_MODEL, "n_ctx": 32, "d_head": 4, "n_heads": 4,
                                       "d_mlp": D_MLP, "d_vocab": VOCAB, "act_fn": "gelu", "normalization_type": "LN",
                                       "seed": 0} | variant))
-    adapter = load_adapter(save_hooked_transformer(HookedTransformer(cfg), tmp_path / "model"))
-    tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    adapter = load_adapter(save_hooked_transformer(HookedTransformer(cfg, tokenizer=tokenizer), tmp_path / "model"))
+    tokens = torch.randint(1, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    if tokenizer is not None:
+        assert adapter.model.tokenizer.padding_side == "left"
+        tokens[:2, :3] = adapter.model.tokenizer.pad_token_id  # rows that start with the pad token
     batch = Batch(tokens, torch.ones(3, 12, dtype=torch.bool))
-    hooks = [f"blocks.{layer}.{name}" for layer in range(2)
-             for name in ("hook_resid_pre", "hook_attn_out", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")]
+    names = ("hook_resid_pre", "hook_attn_out", "hook_resid_post") + (() if cfg.attn_only else ("mlp.hook_post", "hook_mlp_out"))
+    hooks = [f"blocks.{layer}.{name}" for layer in range(2) for name in names]
     clean = adapter.forward(batch, hooks)
-    assert adapter._restart("blocks.1.hook_mlp_out")[0] == adapter._restart("blocks.1.hook_resid_post")[0] == 2
-    assert adapter._restart("blocks.1.mlp.hook_post")[0] == 1
+    assert adapter._restart("blocks.1.hook_resid_post")[0] == 2 and adapter._restart("blocks.1.hook_attn_out")[0] == 1
+    if not cfg.attn_only:
+        assert adapter._restart("blocks.1.hook_mlp_out")[0] == 2 and adapter._restart("blocks.1.mlp.hook_post")[0] == 1
 
     def replacement(x: torch.Tensor) -> torch.Tensor:
         return 0.5 * x + 0.25
@@ -188,3 +200,12 @@ def test_a_spliced_forward_restarts_where_its_hook_is_and_gives_the_full_forward
         full = adapter.model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook: replacement(act))])
         assert torch.equal(adapter.forward_with_replacement(batch, clean, hook, replacement), full), hook
 
+
+def _left_padding_tokenizer():
+    """A word-level tokenizer over the test vocabulary that pads on the left (id 0 is its pad token)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, VOCAB)}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+                                   pad_token="<pad>", padding_side="left")

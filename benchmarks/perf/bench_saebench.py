@@ -13,7 +13,8 @@ so and stops. `saebench_side.py` runs SAEBench's two phases there; this script r
 - whole core eval: the two phases; our full suite (every metric family) on both phases' rows.
 
 Wall seconds, medians of ``--repeats``, at each ``--threads``; theirs time the phases alone, ours the whole ``run``
-(loading the model and SAE, the pass, writing the leaderboard) and its scoring pass alone (the same work as theirs). Then every metric that both compute, side by side.
+(loading the model and SAE, the pass, writing the leaderboard) and its scoring pass alone (their phase's work, less
+the metrics' final ``compute``). Then every metric that both compute, side by side.
 
     python benchmarks/perf/bench_saebench.py --saebench-python /path/to/python [--threads 1 2] [--repeats 3]
 """

@@ -40,7 +40,7 @@ def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
         gram[stop:, start:stop] = block[:, stop - start :].T
         diagonal = gram[start:stop, start:stop]
         lower = torch.ones_like(diagonal, dtype=torch.bool).tril_(-1)
-        diagonal[lower] = diagonal.T[lower]
+        diagonal.copy_(torch.where(lower, diagonal.T, diagonal))
     return gram
 
 

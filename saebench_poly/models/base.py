@@ -141,7 +141,8 @@ class ModelAdapter(ABC):
         self, batch: Batch, clean: ForwardOutput, hook: str, replacement: Replacement
     ) -> torch.Tensor:
         """Logits ``[batch, positions, vocab]`` with the activations at ``hook`` replaced by
-        ``replacement(activations)``; only for adapters with ``supports_downstream``."""
+        ``replacement(activations)`` (a new tensor: ``activations`` may be the clean forward's own, which it must
+        leave as they are); only for adapters with ``supports_downstream``."""
         raise NotImplementedError(f"{self.family} models do not support spliced forward passes")
 
     def synthetic_batches(self, n_samples: int, batch_size: int, seed: int) -> Iterator[Batch]:

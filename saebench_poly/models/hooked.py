@@ -150,9 +150,10 @@ def _load_from_hub(name: str, revision: str | None, device: torch.device, dtype:
 
 
 class HookedTransformerAdapter(ModelAdapter):
-    """A transformer-lens model. Splicing restarts at the hook's block from the cached ``hook_resid_pre``
-    (``start_at_layer``, with the cached positional embedding for shortformer models), so a reconstruction's
-    downstream cost re-runs only the layers at and after it."""
+    """A transformer-lens model. Splicing restarts part-way from the clean forward's cache (`_restart`: after the
+    hook's block for the hooks that end it, else at its block from ``hook_resid_pre``; ``start_at_layer``, with the
+    cached positional embedding for shortformer models and the attention mask of a left-padding tokenizer), so a
+    reconstruction's downstream cost re-runs only the layers after it."""
 
     family = "transformer_lens"
     supports_downstream = True
@@ -286,20 +287,30 @@ class HookedTransformerAdapter(ModelAdapter):
             return replacement(_flatten_heads(act)).reshape(act.shape).to(act.dtype)
 
         layer, cached = self._restart(hook)
-        pos_embed = clean.resume.get(_POS_EMBED_HOOK)
         with torch.no_grad():
             if layer is None:
                 return self.model.run_with_hooks(batch.inputs, fwd_hooks=[(hook, replace)])
+            restart = {"start_at_layer": layer, "tokens": batch.inputs,
+                       "shortformer_pos_embed": clean.resume.get(_POS_EMBED_HOOK),
+                       "attention_mask": self._attention_mask(batch.inputs)}
             if hook in cached:  # the hook ends its block: the residual entering the next block, from the clean cache
                 *addends, own = (clean.resume[name] for name in cached)
-                residual = replace(own)
+                residual = replace(own)  # `Replacement`s return a new tensor: the clean cache stays as it is
                 if addends:
                     residual = sum(addends[1:], addends[0]) + residual  # as the block sums them, left to right
-                return self.model(residual, start_at_layer=layer, tokens=batch.inputs, shortformer_pos_embed=pos_embed)
-            return self.model.run_with_hooks(
-                clean.resume[cached[0]], start_at_layer=layer, tokens=batch.inputs, fwd_hooks=[(hook, replace)],
-                shortformer_pos_embed=pos_embed,
-            )
+                return self.model(residual, **restart)
+            return self.model.run_with_hooks(clean.resume[cached[0]], fwd_hooks=[(hook, replace)], **restart)
+
+    def _attention_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask that transformer-lens builds itself for a forward from ``tokens`` with a left-padding
+        tokenizer (pad tokens at the start of a row are not attended to), which a forward restarted part-way must be
+        given; None where it builds none."""
+        tokenizer = self.model.tokenizer
+        if tokenizer is None or tokenizer.padding_side != "left":
+            return None
+        from transformer_lens import utils
+
+        return utils.get_attention_mask(tokenizer, tokens, self.model.cfg.default_prepend_bos)
 
     def _restart(self, hook: str) -> tuple[int | None, tuple[str, ...]]:
         """Where a forward spliced at ``hook`` restarts, and the clean activations it restarts from: ``(None, ())``
