@@ -44,6 +44,11 @@ SAES: dict[str, dict[str, object]] = {
     "topk-k32": {"architecture": "topk", "k": 32},
     "batchtopk-k64": {"architecture": "batchtopk", "k": 64},
 }
+NEURONS_PREFIX = "neurons:"
+# Paragraphs shorter than this, or with fewer letters than LETTER_SHARE of their characters, are code or tables.
+MIN_PARAGRAPH = 80
+LETTER_SHARE = 0.6
+SKIPPED_STDLIB_PARTS = {"test", "tests", "idle_test", "site-packages", "lib2to3"}
 
 
 def parse_sae(text: str) -> tuple[str, dict[str, object]]:
@@ -58,11 +63,6 @@ def parse_sae(text: str) -> tuple[str, dict[str, object]]:
         key, _, value = setting.partition("=")
         fields[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-." else value
     return name, fields
-NEURONS_PREFIX = "neurons:"
-# Paragraphs shorter than this, or with fewer letters than LETTER_SHARE of their characters, are code or tables.
-MIN_PARAGRAPH = 80
-LETTER_SHARE = 0.6
-SKIPPED_STDLIB_PARTS = {"test", "tests", "idle_test", "site-packages", "lib2to3"}
 
 
 def python_doc_paragraphs() -> list[str]:

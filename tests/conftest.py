@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,14 @@ D_MLP = 32
 CONTEXT = 12
 BOS, EOS = 0, 1
 CHARS = string.ascii_lowercase + " .,"
+TOY_SPEC = Path(__file__).resolve().parent.parent / "benchmarks" / "toy-superposition.toml"
+
+
+def copy_of_toy_spec(folder: Path) -> Path:
+    """The embedded default spec copied into ``folder``, so that a run of it trains its toy model and SAEs under
+    ``folder`` and not in the checkout's ``benchmarks/.artifacts`` (which `make run` reuses)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(TOY_SPEC, folder / TOY_SPEC.name))
 
 
 @pytest.fixture(autouse=True)

@@ -35,7 +35,7 @@ from saebench_poly.testing import (  # noqa: F401 - fixtures, registered by bein
     saebench_toy_spec,
     write_toy_spec,
 )
-from tests.conftest import char_tokenizer, write_sae
+from tests.conftest import char_tokenizer, copy_of_toy_spec, write_sae
 from tests.test_cli_errors import error_line
 
 HOSTILE_NAMES = {
@@ -556,9 +556,7 @@ def test_a_cold_run_of_the_default_benchmark_matches_the_committed_leaderboard(t
     (regenerate it with `make leaderboards`) within the tolerances of `check`."""
     from saebench_poly.regression import tolerance_for
 
-    spec = tmp_path / "benchmarks" / "toy-superposition.toml"
-    spec.parent.mkdir()
-    shutil.copyfile(REPOSITORY / "benchmarks" / "toy-superposition.toml", spec)
+    spec = copy_of_toy_spec(tmp_path / "benchmarks")
     env = {**os.environ, "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "saebench_poly.cli", "run", str(spec), "--output",
                            str(tmp_path / "fresh.parquet")], env=env, capture_output=True, text=True, check=False,

@@ -4,7 +4,6 @@ characteristic examples, behaviours on inputs with known answers, and the toy be
 from __future__ import annotations
 
 import random
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from saebench_poly.run import run_benchmark
 from saebench_poly.sources import SourceContext, load_entry
 from saebench_poly.sources.base import BasisEntry
 from saebench_poly.spec import load_spec, with_overrides
-from tests.conftest import D_MODEL, write_sae
+from tests.conftest import D_MODEL, copy_of_toy_spec, write_sae
 
 CPU = torch.device("cpu")
 RESID = "blocks.0.hook_resid_post"
@@ -518,9 +517,7 @@ def test_foote_rule_on_the_toy_benchmark_gives_polysemantic_neurons_more_behavio
 
     from saebench_poly.models.toy import load_toy_model_folder
 
-    spec = tmp_path / "toy-superposition.toml"  # a copy, so that its artifacts are not the checkout's (make run's)
-    shutil.copyfile(REPOSITORY / "benchmarks" / "toy-superposition.toml", spec)
-    loaded = with_overrides(load_spec(spec), {"tokens": 20000, "output": str(tmp_path / "toy.parquet"),  # as the end-to-end test
+    loaded = with_overrides(load_spec(copy_of_toy_spec(tmp_path)), {"tokens": 20000, "output": str(tmp_path / "toy.parquet"),  # as the end-to-end test
                                               "metric_options": {"polysemanticity": {"rule": "components"}}})
     units = run_benchmark(loaded, write=False).units
     units = units[units["poly_status"] == "ok"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import duckdb
@@ -15,7 +14,7 @@ from saebench_poly.leaderboard import LEADERBOARD_SCHEMA, SCHEMA_METADATA_KEY, S
 from saebench_poly.run import run_benchmark
 from saebench_poly.spec import load_spec, with_overrides
 from saebench_poly.testing import write_toy_spec
-from tests.conftest import D_MLP, D_MODEL, write_sae
+from tests.conftest import D_MLP, D_MODEL, copy_of_toy_spec, write_sae
 
 RESID = "blocks.0.hook_resid_post"
 MLP_OUT = "blocks.1.hook_mlp_out"
@@ -97,9 +96,7 @@ def test_tables_written_a_slice_at_a_time_read_back_whole(tl_spec, sae_folders, 
 
 
 def test_the_embedded_default_runs_and_saes_beat_neurons_at_finding_true_features(run_cli, tmp_path: Path) -> None:
-    spec = tmp_path / "toy-superposition.toml"  # a copy, so that its artifacts are not the checkout's (make run's)
-    shutil.copyfile(Path(__file__).resolve().parent.parent / "benchmarks" / "toy-superposition.toml", spec)
-    code, out, err = run_cli("run", str(spec), "--output", str(tmp_path / "toy.parquet"), "--tokens", "20000")
+    code, out, err = run_cli("run", str(copy_of_toy_spec(tmp_path)), "--output", str(tmp_path / "toy.parquet"), "--tokens", "20000")
     assert code == 0, err
     wide = pd.read_parquet(tmp_path / "toy.parquet").pivot_table(index="entry", columns="metric", values="value")
     assert {"l1-0.1", "l1-0.3", "l1-1.0", "topk-2", "topk-4", "neurons:hidden", "pca:hidden", "random:hidden"} == set(wide.index)

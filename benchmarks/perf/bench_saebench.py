@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,6 +37,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pandas as pd
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_suite import TimingReporter  # noqa: E402
 
 HOOK, LAYER, BOS, VOCAB, CONTEXT, D_SAE, BATCH = "blocks.0.hook_mlp_out", 0, 0, 1000, 128, 512, 16
 MODEL = {"n_layers": 2, "d_model": 64, "n_ctx": CONTEXT, "d_head": 16, "n_heads": 4, "d_mlp": 256, "d_vocab": VOCAB,
@@ -96,23 +98,6 @@ def spec(folder: Path, name: str, rows: int, metrics: list[str] | None) -> Path:
     return path
 
 
-class PassTimer:
-    """A `saebench_poly.run.Reporter` that times the scoring pass (the work that SAEBench's phases time)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    @contextmanager
-    def task(self, description: str, total: int | None):
-        start = time.perf_counter()
-        yield lambda _n: None
-        if description.startswith("scoring"):
-            self.seconds += time.perf_counter() - start
-
-    def message(self, text: str) -> None:
-        pass
-
-
 def ours(path: Path) -> tuple[float, float, dict[str, float]]:
     """Wall seconds of one `run` of the spec and of its scoring pass alone, and its values."""
     from saebench_poly.run import run_benchmark
@@ -120,12 +105,12 @@ def ours(path: Path) -> tuple[float, float, dict[str, float]]:
 
     loaded = load_spec(path)
     loaded.output_path.unlink(missing_ok=True)
-    timer = PassTimer()
+    reporter = TimingReporter(time.perf_counter)
     start = time.perf_counter()
-    run_benchmark(loaded, timer)
+    run_benchmark(loaded, reporter)
     seconds = time.perf_counter() - start
     board = pd.read_parquet(loaded.output_path)
-    return seconds, timer.seconds, dict(zip(board["metric"], board["value"], strict=True))
+    return seconds, reporter.seconds["scoring"], dict(zip(board["metric"], board["value"], strict=True))
 
 
 def theirs(python: str, folder: Path, threads: int, repeats: int, recon_rows: int, sparsity_rows: int) -> dict:

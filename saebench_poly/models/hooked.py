@@ -318,6 +318,8 @@ class HookedTransformerAdapter(ModelAdapter):
         ``hook_mlp_out`` of a `TransformerBlock`, whose residual stream out is hook_resid_mid + hook_mlp_out, or
         hook_resid_pre + hook_attn_out + hook_mlp_out with a parallel MLP), from those addends and the hook's own clean
         value (last); else at block L from its ``hook_resid_pre``."""
+        from transformer_lens.components import TransformerBlock
+
         match = _BLOCK_HOOK.match(hook)
         if match is None:
             return None, ()
@@ -325,7 +327,7 @@ class HookedTransformerAdapter(ModelAdapter):
         block = f"blocks.{layer}."
         if hook == f"{block}hook_resid_post":
             return layer + 1, (hook,)
-        if hook == f"{block}hook_mlp_out" and type(self.model.blocks[layer]) is _transformer_block():
+        if hook == f"{block}hook_mlp_out" and type(self.model.blocks[layer]) is TransformerBlock:
             if self.model.cfg.parallel_attn_mlp:
                 return layer + 1, (f"{block}hook_resid_pre", f"{block}hook_attn_out", hook)
             return layer + 1, (f"{block}hook_resid_mid", hook)
@@ -333,12 +335,6 @@ class HookedTransformerAdapter(ModelAdapter):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tokenizer": getattr(self.tokenizer, "name_or_path", "") or ""}
-
-
-def _transformer_block() -> type:
-    from transformer_lens.components import TransformerBlock
-
-    return TransformerBlock
 
 
 def _flatten_heads(act: torch.Tensor) -> torch.Tensor:
