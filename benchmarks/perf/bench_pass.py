@@ -7,7 +7,7 @@
 Prints tokens per second of each and their ratio (full / bare). The model is a transformer-lens model with random
 weights and the SAEs are random sae-lens SAEs: throughput does not depend on what the weights learned.
 
-    python benchmarks/perf/bench_pass.py [--device cpu|cuda] [--tokens N] [--d-model D] [--d-sae M]
+    python benchmarks/perf/bench_pass.py [--device cpu|cuda] [--dtype float32|bfloat16] [--tokens N] [--d-model D] [--d-sae M]
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def build_inputs(folder: Path, args: argparse.Namespace) -> tuple[Path, list[str
     spec = folder / "spec.toml"
     spec.write_text(
         f'name = "perf"\ntokens = {args.tokens}\nfit_tokens = {args.tokens // 4}\ncontext_size = {args.context}\n'
-        f'batch_size = {args.batch_size}\nbos_token_id = 0\ndevice = "{args.device}"\nhooks = ["{hooks[0]}"]\n'
+        f'batch_size = {args.batch_size}\nbos_token_id = 0\ndevice = "{args.device}"\ndtype = "{args.dtype}"\n'
+        f'hooks = ["{hooks[0]}"]\n'
         'entries = ["disk:sae0", "disk:sae1"]\noutput = "board.parquet"\n'
         '[model]\nloader = "transformer_lens"\nname = "model"\n'
         '[dataset]\nkind = "tokens"\npath = "tokens.parquet"\n'
@@ -71,8 +72,9 @@ def bare_pass(loaded, device: torch.device) -> tuple[int, float]:
     from saebench_poly.sources import SourceContext, load_entry
 
     spec = loaded.spec
-    adapter = MODEL_LOADERS.get(spec.model.loader)(spec.model, device, torch.float32)
-    context = SourceContext(adapter=adapter, device=device, dtype=torch.float32, seed=0, base_dir=loaded.base_dir)
+    dtype = getattr(torch, spec.dtype)
+    adapter = MODEL_LOADERS.get(spec.model.loader)(spec.model, device, dtype)
+    context = SourceContext(adapter=adapter, device=device, dtype=dtype, seed=0, base_dir=loaded.base_dir)
     saes = [load_entry(entry.uri, context) for entry in spec.entries]
     hooks = sorted({sae.hook for sae in saes})
     batches = list(Inputs(spec, adapter).batches("score"))
@@ -113,6 +115,8 @@ def benchmark_arguments(description: str | None) -> argparse.ArgumentParser:
     """The options every performance benchmark here shares: device, data size and model size."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32",
+                        help="the spec's dtype: the model's and the entries' weights and activations")
     parser.add_argument("--tokens", type=int, default=16_384)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -136,7 +140,7 @@ def main() -> None:
         bare_tokens, bare_seconds = bare_pass(loaded, device)
         full_tokens, full_seconds = full_pass(loaded)
     bare_rate, full_rate = bare_tokens / bare_seconds, full_tokens / full_seconds
-    print(f"device {args.device}; model {args.layers} layers x d_model {args.d_model}, 2 TopK SAEs of {args.d_sae} "
+    print(f"device {args.device}, {args.dtype}; model {args.layers} layers x d_model {args.d_model}, 2 TopK SAEs of {args.d_sae} "
           f"latents at {', '.join(hooks)}; {bare_tokens} tokens")
     print(f"(a) bare pass (forward + SAE encode/decode): {bare_rate:12,.0f} tokens/s")
     print(f"(b) full run pass (all entries and metrics): {full_rate:12,.0f} tokens/s")

@@ -24,6 +24,8 @@ Each configuration runs ``--repeats`` times, round-robin (so that a shared machi
 the median counts. Ratios are tokens/s of the configuration over tokens/s of the bare pass (1 = free).
 ``--rss`` also runs the full suite in fresh processes at 1x and 10x ``--rss-tokens`` and reports their peak RSS, in
 all and stage by stage (``--rss-only``: that alone).
+``--device cuda`` runs the same on a GPU, timed by the wall clock after a CUDA synchronisation; ``--dtype``
+(default float32) sets the specs' dtype.
 
     python benchmarks/perf/bench_suite.py [--case tl|bert|all] [--tokens N] [--repeats R] [--rss | --rss-only] [--only F ...]
 """
@@ -64,7 +66,8 @@ STAGES = ("post-pass stage", "parquet write")
 FULL = ("full suite without downstream", "full suite")
 
 
-def build_bert(folder: Path, tokens: int, context: int, batch_size: int, d_sae: int) -> Path:
+def build_bert(folder: Path, tokens: int, context: int, batch_size: int, d_sae: int, device: str = "cpu",
+               dtype: str = "float32") -> Path:
     """A random BERT-size encoder, two random TopK SAEs on its layer-3 MLP neurons, token rows, and the spec."""
     from sae_lens import TopKSAE, TopKSAEConfig
     from transformers import BertConfig, BertModel
@@ -85,7 +88,7 @@ def build_bert(folder: Path, tokens: int, context: int, batch_size: int, d_sae: 
     spec = folder / "spec.toml"
     spec.write_text(
         f'name = "perf-bert"\ntokens = {tokens}\nfit_tokens = {max(tokens // 4, 1024)}\ncontext_size = {context}\n'
-        f'batch_size = {batch_size}\nbos_token_id = 0\ndevice = "cpu"\nhooks = ["{hook}"]\n'
+        f'batch_size = {batch_size}\nbos_token_id = 0\ndevice = "{device}"\ndtype = "{dtype}"\nhooks = ["{hook}"]\n'
         'entries = ["disk:sae0", "disk:sae1"]\noutput = "board.parquet"\n'
         f'[model]\nloader = "hf"\nname = "{folder / "model"}"\n'
         '[dataset]\nkind = "tokens"\npath = "tokens.parquet"\n'
@@ -102,9 +105,9 @@ def _token_rows(folder: Path, tokens: int, context: int, vocab: int) -> None:
 
 def build_case(case: str, folder: Path, args: argparse.Namespace, tokens: int) -> Path:
     if case == "bert":
-        return build_bert(folder, tokens, args.context, args.batch_size, args.bert_d_sae)
+        return build_bert(folder, tokens, args.context, args.batch_size, args.bert_d_sae, args.device, args.dtype)
     tl = argparse.Namespace(layers=4, d_model=256, context=args.context, vocab=4096, d_sae=4096, tokens=tokens,
-                            batch_size=args.batch_size, device="cpu")
+                            batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     spec, _ = build_inputs(folder, tl)
     return spec
 
@@ -120,13 +123,13 @@ class Prepared:
         from saebench_poly.run import _load_entries
 
         spec = loaded.spec
-        self.loaded, self.device = loaded, torch.device("cpu")
-        self.adapter = MODEL_LOADERS.get(spec.model.loader)(spec.model, self.device, torch.float32)
+        self.loaded, self.device, dtype = loaded, torch.device(spec.device), getattr(torch, spec.dtype)
+        self.adapter = MODEL_LOADERS.get(spec.model.loader)(spec.model, self.device, dtype)
         self.inputs = Inputs(spec, self.adapter)
-        self.entries = _load_entries(loaded, self.adapter, self.device, torch.float32)
+        self.entries = _load_entries(loaded, self.adapter, self.device, dtype)
         fit_baselines(self.adapter, self.entries, self.inputs.batches("fit"))
         for entry in self.entries:
-            entry.to(self.device, torch.float32)
+            entry.to(self.device, dtype)
         self.batches = list(self.inputs.batches("score"))
         self.options = resolve_metric_options(spec.metric_options)
 
@@ -145,7 +148,13 @@ class Prepared:
         return scored
 
 
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+def _cuda_wall_time() -> float:
+    """Wall time once the GPU has finished the work queued so far."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter, "cuda": _cuda_wall_time}
 clock = CLOCKS["cpu"]
 
 
@@ -302,7 +311,8 @@ def measure(case: str, args: argparse.Namespace) -> list[tuple[str, float, float
         entries = ", ".join(f"{e.name} ({e.width})" for e in prepared.entries)
     median = {label: statistics.median(values) for label, values in seconds.items()}
     print(f"\ncase {case}: {tokens} tokens, batch {args.batch_size} x context {args.context}, "
-          f"{torch.get_num_threads()} thread(s), {args.clock} time, median of {args.repeats}; entries: {entries}")
+          f"{args.device}, {args.dtype}, {torch.get_num_threads()} thread(s), {args.clock} time, median of {args.repeats}; "
+          f"entries: {entries}")
     print(f"  {'configuration':<32} {'tokens/s':>10}   ratio to bare (every entry / SAEs only);  per-batch ratio and "
           "fixed seconds (compute) of a family")
     results = []
@@ -395,10 +405,21 @@ def main() -> None:
     parser.add_argument("--rss-tokens", type=int, default=4_096)
     parser.add_argument("--rss-only", action="store_true", help="measure only the peak RSS (no timings)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is wall time, idle)")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
-                        help="process CPU time (robust to other processes on a shared machine) or wall time")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default=None,
+                        help="process CPU time (robust to other processes on a shared machine), wall time, or wall "
+                             "time after a CUDA synchronisation (the default, and the only choice, on a GPU); "
+                             "default cpu")
+    parser.add_argument("--device", default="cpu", help="the specs' device (cpu, cuda)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32",
+                        help="the specs' dtype")
     parser.add_argument("--child-rss", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu and args.clock not in (None, "cuda"):
+        parser.error("on a GPU only the synchronised wall clock (--clock cuda) measures the work")
+    if on_gpu and (args.rss or args.rss_only):
+        parser.error("--rss measures the CPU process's resident memory: run it with --device cpu")
+    args.clock = args.clock or ("cuda" if on_gpu else "cpu")
     global clock
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
