@@ -46,8 +46,10 @@ def main() -> None:
     scores = truth.synthetic_case(data, truth.trained_saes(), options)
     rows += [score.row() for score in scores]
     saes = ["oracle", *(training.name for training in truth.TRAINED)]
+    every = [*saes, "random-init", "random rotation"]
     rows += [truth.pooled_row(scores, "pooled: oracle and trained SAEs", saes),
-             truth.pooled_row(scores, "pooled: and random-init, rotation", [*saes, "random-init", "random rotation"])]
+             truth.pooled_row(scores, "pooled: and random-init, rotation", every),
+             truth.pooled_row(scores, "pooled: all, truth covers >= half", every, min_covered=0.5)]
     table = pd.DataFrame(rows)
     print(f"rule: {options.describe_rule()}; synthetic: {truth.SYNTHETIC_FEATURES} features in d = {truth.SYNTHETIC_DIM}, {args.samples} samples")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep=""))

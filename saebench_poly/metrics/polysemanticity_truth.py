@@ -148,10 +148,12 @@ class EntryScore:
         return row
 
 
-def pooled_row(scores: Sequence[EntryScore], name: str, entries: Sequence[str]) -> dict[str, Any]:
-    """One line for the units of ``entries`` pooled: those with enough examples and a true count, their share with
+def pooled_row(scores: Sequence[EntryScore], name: str, entries: Sequence[str], min_covered: float = 0.0) -> dict[str, Any]:
+    """One line for the units of ``entries`` pooled: those with enough examples and a true count (whose truth's
+    features hold at least ``min_covered`` of their examples, `dominant_truth`'s second value), their share with
     K = truth and Spearman(K, truth) over all of them."""
-    known = pd.concat([score.units[(score.units["poly_status"] == OK) & (score.units["truth"] >= 1)]
+    known = pd.concat([score.units[(score.units["poly_status"] == OK) & (score.units["truth"] >= 1)
+                                   & (score.units["covered"] >= min_covered)]
                        for score in scores if score.entry in entries])
     return {"case": scores[0].case, "entry": name} | _agreement(known)
 
