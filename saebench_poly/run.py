@@ -180,12 +180,18 @@ def _run_benchmark(loaded: LoadedSpec, reporter: Reporter | None, write: bool, e
     reporter = reporter or Reporter()
     if executor is not None and resume:
         raise UserError("--resume applies to --executor local only (a sharded run writes no checkpoint)")
+    if write:
+        leaderboard.check_writable(loaded.output_path)
     prepared = prepare_run(loaded, reporter)
     adapter, inputs, scored = prepared.adapter, prepared.inputs, prepared.scored
     if executor is None:
         tokens = _score_here(prepared, reporter, checkpoint_every, resume)
     else:
         tokens = executor.score(prepared, reporter)
+    if tokens == 0:
+        checkpoint.checkpoint_path(loaded.artifacts_dir).unlink(missing_ok=True)
+        raise UserError("no token was scored: every token of the scored contexts is a special token or in "
+                        "ignore_tokens; check the dataset (and ignore_tokens)")
     windows = ExampleWindows(members=examples, before=WINDOW_BEFORE, after=WINDOW_AFTER)
     with reporter.task(CHARACTERISTIC_EXAMPLES_TASK, sum(len(item.accumulators) for item in scored)) as advance:
         revisit(adapter, scored, inputs.scored_contexts, advance, windows)

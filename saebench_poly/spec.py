@@ -66,7 +66,7 @@ class TrainedSAESpec(SAETrainingConfig):
     def _check_name(cls, name: str) -> str:
         # the name is also a folder under artifacts/saes/, so it may not hold a path separator
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
-            raise ValueError(f"trained SAE name {printable(repr(name))} may use only letters, digits, '.', '_' and '-' "
+            raise ValueError(f"trained SAE name {printable(repr(name))} may use only ASCII letters, digits, '.', '_' and '-' "
                              "(at most 100, starting with a letter or digit)")
         return name
 

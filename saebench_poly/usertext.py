@@ -1,6 +1,6 @@
 """Text that users write (entry and spec names, paths, messages quoting them), on its way in and on its way out.
 
-In: an entry name (`check_entry_name`) is letters, digits and ``. _ - : / + = @ ,`` with inner spaces, at most
+In: an entry name (`check_entry_name`) is ASCII letters, digits and ``. _ - : / + = @ ,`` with inner spaces, at most
 200 characters, starting with a letter or digit (`NAME_CHARACTERS` says so in words). That covers every name
 saebench-poly derives (``neurons:blocks.0.mlp.hook_post``, ``gemma-scope/layer_5/width_16k``) and keeps out what
 a terminal or a Markdown table would interpret: control characters (ESC, OSC, BEL, newline), ``|``, ``[`` and
@@ -18,7 +18,7 @@ import re
 from saebench_poly.errors import UserError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._:/+=@,\- ]{0,198}[A-Za-z0-9._:/+=@,\-])?")
-NAME_CHARACTERS = "letters, digits and . _ - : / + = @ , (spaces inside), at most 200, starting with a letter or digit"
+NAME_CHARACTERS = "ASCII letters, digits and . _ - : / + = @ , (spaces inside), at most 200, starting with a letter or digit"
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")
 
 

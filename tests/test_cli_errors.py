@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,25 @@ def test_a_corrupt_leaderboard_is_reported_and_left_as_it_was(tl_spec, run_cli, 
     code, _, err = run_cli("run", str(tl_spec(tokens=50)))
     assert code == 2 and "is not a readable Parquet file" in error_line(err)
     assert board.read_bytes() == b"PAR1 this is not parquet"
+    # refused before the model is loaded and the pass run, and no lock file left beside it
+    assert "loading the" not in err and [p.name for p in board.parent.iterdir()] == ["board.parquet"]
+
+
+def test_an_output_under_a_file_is_refused_before_the_pass(tl_spec, run_cli, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    code, _, err = run_cli("run", str(tl_spec(tokens=50)), "--output", str(tmp_path / "afile" / "board.parquet"))
+    assert code == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in error_line(err) and "loading the" not in err
+
+
+def test_data_that_leave_no_token_to_score_are_one_line_and_leave_nothing(tl_spec, run_cli, tmp_path: Path) -> None:
+    import pandas as pd
+
+    pd.DataFrame({"input_ids": [[0] * 24 for _ in range(40)]}).to_parquet(tmp_path / "bos.parquet")  # BOS only
+    spec = tl_spec(tokens=50, baselines=["neurons"])
+    spec.write_text(re.sub(r'(?m)^path = ".*"$', f'path = "{tmp_path / "bos.parquet"}"', spec.read_text()))
+    code, _, err = run_cli("run", str(spec), "--checkpoint-every", "1")
+    assert code == 2 and "no token was scored" in error_line(err)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.rglob("*checkpoint*"))
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,7 @@ def test_a_hostile_entry_name_in_a_spec_is_refused_before_anything_runs(name: st
     uri = "neurons:blocks.0.hook_resid_post"
     spec.write_text(spec.read_text().replace("entries = []", f"entries = [{{uri = {json.dumps(uri)}, name = {json.dumps(name)}}}]"))
     code, out, err = run_cli("run", str(spec))
-    assert code == 2 and "may use only letters, digits" in error_line(err)
+    assert code == 2 and "may use only ASCII letters, digits" in error_line(err)
     assert_inert(out + err)
     assert not (tmp_path / "out").exists()
 
@@ -227,10 +227,10 @@ def test_show_prints_a_poisoned_board_with_every_name_inert(poisoned: Path, run_
 def test_submit_and_check_refuse_a_hostile_name_in_one_inert_line(name: str, poisoned: Path, run_cli, tmp_path: Path) -> None:
     code, out, err = run_cli("check", f"{poisoned}::{name}", "--baseline", f"{poisoned}::{name}",
                              "--report-dir", str(tmp_path / "report"))
-    assert code == 2 and "uses characters outside letters, digits" in error_line(err)
+    assert code == 2 and "uses characters outside ASCII letters, digits" in error_line(err)
     assert_inert(out + err)
     code, out, err = run_cli("submit", str(poisoned), "--leaderboard", str(poisoned))
-    assert code == 2 and "uses characters outside letters, digits" in error_line(err)
+    assert code == 2 and "uses characters outside ASCII letters, digits" in error_line(err)
     assert_inert(out + err)
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from saebench_poly.metrics import EntryBatch, all_metrics
+from saebench_poly.metrics.base import DownstreamBatch
 from saebench_poly.metrics.core import Reconstruction, Sparsity, row_dots
+from saebench_poly.metrics.downstream import Downstream
 from saebench_poly.metrics.feature_recovery import FeatureRecovery
 from saebench_poly.metrics.moments import Moments, symmetric_gram
 from saebench_poly.sources.base import BasisEntry, NeuronEntry, SAEEntry
@@ -49,6 +51,22 @@ def test_fvu_of_the_per_dimension_mean_is_one_and_mse_is_the_mean_variance() -> 
     values = accumulator.compute()
     assert values["fvu"] == pytest.approx(1, rel=1e-12)
     assert values["mse"] == pytest.approx(float(x.var(dim=0, unbiased=False).mean()), rel=1e-12)
+
+
+def test_means_over_no_token_are_nan_not_perfect() -> None:
+    """Tokens with x = 0 enter no per-token ratio, and positions without a next token no downstream mean: with none
+    left, those metrics are undefined (NaN), not 0 (which would rank as a perfect reconstruction)."""
+    reconstruction = Reconstruction(SimpleNamespace(d_in=4), None)
+    zeros = torch.zeros(6, 4)
+    reconstruction.update(EntryBatch(x=zeros, z=zeros, x_hat=zeros + 0.5))
+    values = reconstruction.compute()
+    assert values["mse"] == pytest.approx(0.25) and math.isnan(values["fvu"])
+    assert all(math.isnan(values[name]) for name in ("cosine_similarity", "relative_l2_error", "l2_norm_ratio"))
+    downstream = Downstream(SimpleNamespace(), None)
+    empty = torch.zeros(0, dtype=torch.float64)
+    downstream.update(EntryBatch(x=zeros, z=zeros, x_hat=zeros,
+                                 downstream=DownstreamBatch(ce_clean=empty, ce_spliced=empty, ce_zero_ablated=empty, kl=empty)))
+    assert all(math.isnan(value) for value in downstream.compute().values())
 
 
 def test_topk_sae_has_l0_equal_to_k(tmp_path) -> None:

@@ -61,6 +61,35 @@ def test_batchtopk_training_checkpoint_loads_as_sae_lens_converts_it(adapter, tm
     torch.testing.assert_close(entry.encode(x), reference.encode(x))
 
 
+@pytest.mark.parametrize("mode", ["expected_average_only_in", "covariance_whitening"])
+def test_a_trainers_mid_training_checkpoint_reads_raw_activations(adapter, tmp_path: Path, mode: str) -> None:
+    """sae-lens's trainer saves a checkpoint's activation normalisation beside it (activation_scaler.json); loaded,
+    the SAE on raw x gives what the trainer computes: decode(encode(scale(x))) unscaled."""
+    from sae_lens import SAE
+    from sae_lens.training.activation_scaler import ActivationScaler, ActivationWhitening
+
+    folder = write_sae(tmp_path / "checkpoint", "standard", D_MODEL, 48, HOOK, normalize_activations=mode)
+    generator = torch.Generator().manual_seed(3)
+    scaler = ActivationScaler(scaling_factor=0.25)
+    if mode == "covariance_whitening":
+        matrix = torch.randn(D_MODEL, D_MODEL, generator=generator, dtype=torch.float64) / D_MODEL**0.5 + torch.eye(D_MODEL)
+        scaler = ActivationScaler(whitening=ActivationWhitening(
+            mean=torch.randn(D_MODEL, generator=generator, dtype=torch.float64), matrix=matrix,
+            inverse_matrix=torch.linalg.inv(matrix)))
+    scaler.save(str(folder / "activation_scaler.json"))
+    trained = SAE.load_from_disk(folder)
+    entry = load_entry("disk:checkpoint", context(adapter, tmp_path))
+    x = torch.randn(64, D_MODEL, generator=generator)
+    z = trained.encode(scaler.scale(x))
+    assert (z != 0).any() and (z == 0).any()
+    torch.testing.assert_close(entry.encode(x), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entry.decode(entry.encode(x)), scaler.unscale(trained.decode(z)), rtol=1e-5, atol=1e-5)
+    assert entry.weights_sha256() != hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest()
+    (folder / "activation_scaler.json").unlink()
+    with pytest.raises(UserError, match=f"normalize_activations = '{mode}' but has no activation_scaler.json"):
+        load_entry("disk:checkpoint", context(adapter, tmp_path))
+
+
 def test_neurons_are_the_identity_and_random_is_a_seeded_rotation(adapter, tmp_path: Path) -> None:
     neurons = load_entry("neurons:blocks.0.mlp.hook_post", context(adapter, tmp_path))
     x = torch.randn(10, D_MLP)

@@ -136,11 +136,14 @@ class Reconstruction(Accumulator):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def compute(self) -> dict[str, float]:
+        """The means; NaN where no token enters them (no token at all, or, for the per-token ratios, no x != 0)."""
+        if self.tokens == 0:
+            return dict.fromkeys(("mse", "fvu", "cosine_similarity", "relative_l2_error", "l2_norm_ratio"), math.nan)
         total_variance = float(self.m2.sum())
-        nonzero = max(self.nonzero_tokens, 1)
+        nonzero = self.nonzero_tokens or math.nan
         return {
             "mse": self.squared_error / (self.tokens * self.m2.numel()),
-            "fvu": self.squared_error / total_variance if total_variance > 0 else float("nan"),
+            "fvu": self.squared_error / total_variance if total_variance > 0 else math.nan,
             "cosine_similarity": self.cosine_sum / nonzero,
             "relative_l2_error": self.relative_error_sum / nonzero,
             "l2_norm_ratio": self.norm_ratio_sum / nonzero,

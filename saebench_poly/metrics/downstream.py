@@ -49,7 +49,8 @@ class Downstream(Accumulator):
         self.positions += other.positions
 
     def compute(self) -> dict[str, float]:
-        mean = {key: value / max(self.positions, 1) for key, value in self.sums.items()}
+        """The means over the counted positions; NaN when there are none (no scored position has a next token)."""
+        mean = {key: value / (self.positions or math.nan) for key, value in self.sums.items()}
         gap = mean["ce_zero_ablated"] - mean["ce_clean"]
         return {
             "ce_increase": mean["ce_spliced"] - mean["ce_clean"],

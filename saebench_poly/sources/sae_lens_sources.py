@@ -1,5 +1,7 @@
 """SAEs loaded by sae-lens: pretrained releases (``sae_lens:<release>/<sae_id>``) and checkpoint folders
-(``disk:<path>``, a ``cfg.json`` plus ``sae_weights.safetensors``, any architecture sae-lens registers)."""
+(``disk:<path>``, a ``cfg.json`` plus ``sae_weights.safetensors``, any architecture sae-lens registers; a
+mid-training checkpoint of sae-lens's trainer has its activation normalisation folded in, as the trainer folds it at
+the end of training)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,15 @@ from saebench_poly.sources.base import SAEEntry, SourceContext, checkpoint_folde
 
 SAE_CONFIG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+# normalize_activations modes whose statistics sae-lens's trainer keeps outside the SAE (activation_scaler.json and
+# activation_whitening.safetensors) until it folds them into the weights at the end of training
+TRAINER_NORMALISATIONS = ("expected_average_only_in", "covariance_whitening")
 
 
 def load_disk(argument: str, context: SourceContext) -> SAEEntry:
     """A sae-lens checkpoint folder; relative paths resolve against the spec's folder. The recorded sha256 is
-    that of ``sae_weights.safetensors``."""
+    that of ``sae_weights.safetensors``, or, when the trainer's normalisation is folded in, that of the folded
+    weights (`tensors_sha256`)."""
     folder = checkpoint_folder(argument, context, "SAE checkpoint")
     for name in (SAE_CONFIG_FILENAME, SAE_WEIGHTS_FILENAME):
         if not (folder / name).is_file():
@@ -30,6 +36,7 @@ def load_disk(argument: str, context: SourceContext) -> SAEEntry:
     try:
         architecture = json.loads((folder / SAE_CONFIG_FILENAME).read_text()).get("architecture", "standard")
         sae = _load_inference_sae(folder, architecture, context.device)
+        folded = _fold_trainer_normalisation(sae, folder)
     except UserError:
         raise
     except json.JSONDecodeError as err:
@@ -37,7 +44,8 @@ def load_disk(argument: str, context: SourceContext) -> SAEEntry:
     except Exception as err:  # noqa: BLE001 - a broken checkpoint can fail anywhere inside sae-lens
         raise UserError(f"SAE checkpoint {folder} could not be loaded: {first_line(err)}") from None
     uri = f"disk:{argument}"
-    return checked_entry(sae, name=folder.name, uri=uri, context=context, sha256=file_sha256(folder / SAE_WEIGHTS_FILENAME))
+    sha256 = None if folded else file_sha256(folder / SAE_WEIGHTS_FILENAME)
+    return checked_entry(sae, name=folder.name, uri=uri, context=context, sha256=sha256)
 
 
 def _load_inference_sae(folder: Path, architecture: str, device: torch.device) -> Any:
@@ -52,6 +60,37 @@ def _load_inference_sae(folder: Path, architecture: str, device: torch.device) -
     with tempfile.TemporaryDirectory(prefix=".saebench-tmp-") as converted:
         training_sae.save_inference_model(converted)
         return SAE.load_from_disk(converted, device=str(device))
+
+
+def _fold_trainer_normalisation(sae: Any, folder: Path) -> bool:
+    """An SAE whose ``normalize_activations`` is one of `TRAINER_NORMALISATIONS` reads activations scaled (x s) or
+    whitened ((x - mean) M) by statistics that sae-lens's trainer saves beside a mid-training checkpoint, not in the
+    SAE (its own normalisation is then the identity). Fold them into the weights with sae-lens's
+    `fold_activation_norm_scaling_factor` / `fold_activation_whitening`, as `SAETrainer.fit` does after training,
+    so that the SAE reads raw activations; without them the SAE cannot be scored. Returns whether it folded."""
+    from sae_lens.constants import ACTIVATION_SCALER_CFG_FILENAME
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    mode = sae.cfg.normalize_activations
+    if mode not in TRAINER_NORMALISATIONS:
+        return False
+    scaler_file = folder / ACTIVATION_SCALER_CFG_FILENAME
+    if not scaler_file.is_file():
+        raise UserError(f"SAE checkpoint {folder} says normalize_activations = {mode!r} but has no "
+                        f"{ACTIVATION_SCALER_CFG_FILENAME} with its statistics: score the SAE that training returns "
+                        "(sae-lens folds them into its weights), or put the trainer's file beside cfg.json")
+    scaler = ActivationScaler()
+    scaler.load(scaler_file)
+    if scaler.scaling_factor is None and scaler.whitening is None:
+        raise UserError(f"SAE checkpoint {folder} says normalize_activations = {mode!r} but its "
+                        f"{ACTIVATION_SCALER_CFG_FILENAME} holds no statistics (no scaling factor, no whitening)")
+    if scaler.scaling_factor is not None:
+        sae.fold_activation_norm_scaling_factor(scaler.scaling_factor)
+    if scaler.whitening is not None:
+        whitening = scaler.whitening
+        sae.fold_activation_whitening(mean=whitening.mean, whitening_matrix=whitening.matrix,
+                                      unwhitening_matrix=whitening.inverse_matrix)
+    return True
 
 
 def load_pretrained(argument: str, context: SourceContext) -> SAEEntry:
