@@ -64,6 +64,11 @@ class _Command(typer.core.TyperCommand):
                 for piece in super().collect_usage_pieces(ctx)]
 
 
+# click's UsageError (a bad option, a missing argument, an unknown command), found from typer's public BadParameter:
+# typer vendors its own click, whose classes are not click's
+USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+
+
 class _Escaped(Exception):  # noqa: N818 - a carrier, not an error of its own
     """Carries an EOFError or KeyboardInterrupt out of a command past click, which would print "Aborted!" and
     exit 1, the status `check` gives a regression."""
@@ -110,6 +115,8 @@ class RichReporter:
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        if total is None:  # a stage of unknown length: how long it has taken, not a count out of "?"
+            columns = [TextColumn("{task.description}", markup=False), TimeElapsedColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
             task_id = progress.add_task(printable(description), total=total)
             yield lambda n: progress.advance(task_id, n)
@@ -417,12 +424,23 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*deprecated.*")
     try:
         with own_temporary_folder():
-            app()
+            # click's own handling would print a usage block of several lines for a bad option; it is one line here
+            code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # a command's typer.Exit, returned by click outside standalone mode
+            sys.exit(code)
     except UserError as err:
         err_console.print(f"saebench-poly: error: {printable(err)}", soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
-    except (KeyboardInterrupt, _Escaped) as err:
-        cause = err.__cause__ if isinstance(err, _Escaped) else err
+    except USAGE_ERROR as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # `saebench-poly` alone: the help, as click shows it
+            err.show()
+            sys.exit(err.exit_code)
+        where = err.ctx.command_path if err.ctx is not None else "saebench-poly"
+        err_console.print(f"saebench-poly: error: {printable(err.format_message())}; see {where} --help",
+                          soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
+    except (KeyboardInterrupt, _Escaped, typer.Abort) as err:
+        cause = err.__cause__ if isinstance(err, (_Escaped, typer.Abort)) else err
         if not isinstance(cause, KeyboardInterrupt):
             _internal_error(cause)
         err_console.print("saebench-poly: interrupted", soft_wrap=True)

@@ -23,7 +23,7 @@ from typing import Any
 from saebench_poly.activations import score
 from saebench_poly.errors import UserError
 from saebench_poly.metrics.base import Accumulator
-from saebench_poly.run import PreparedRun, Reporter, prepare_run
+from saebench_poly.run import PreparedRun, Reporter, prepare_run, scoring_task
 from saebench_poly.spec import LoadedSpec
 
 RAY_MISSING = "--executor ray needs Ray, which is not installed: pip install 'saebench-poly[ray]'"
@@ -124,7 +124,7 @@ class RayExecutor:
         split = "" if whole else f" x {len(groups)} groups of entries"
         reporter.message(f"scoring on {len(pending)} Ray task(s): {len(bounds)} slice(s) of about "
                          f"{bounds[0][1] - bounds[0][0]} context(s){split}")
-        with reporter.task(f"scoring {len(prepared.scored)} entries", prepared.inputs.tokens_in("score")) as advance:
+        with reporter.task(scoring_task(len(prepared.scored)), prepared.inputs.tokens_in("score")) as advance:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 key = pending.pop(done[0])

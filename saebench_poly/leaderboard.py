@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock
 
 from saebench_poly.errors import UserError, first_line
+from saebench_poly.files import new_file_permissions
 from saebench_poly.frontier import recompute_frontier
 from saebench_poly.integrity import DIGESTED_COLUMNS, FileProvenance, digest_table, entry_key
 from saebench_poly.stored_examples import check_file_schema, examples_fields, examples_path
@@ -169,6 +170,13 @@ def check_schema(path: Path, schema: pa.Schema) -> None:
     check_file_schema(path, schema, SCHEMA_METADATA_KEY, SCHEMA_VERSION)
 
 
+def check_leaderboard_name(path: Path) -> None:
+    """A leaderboard is a ``.parquet`` file: its per-unit and examples tables are named from it (`units_path`)."""
+    if path.suffix != ".parquet":
+        raise UserError(f"{path} is not a .parquet file name: a leaderboard is Parquet, with its tables beside it as "
+                        f"<name>.units.parquet and <name>.examples.parquet; name it {path.with_suffix('.parquet').name}")
+
+
 def check_writable(path: Path) -> None:
     """Before a run, so that a long pass is not lost to its last step: refuse in one line a leaderboard that could
     not be written, a folder, a path under a file, a folder that cannot be written (probed with a temporary file,
@@ -176,6 +184,7 @@ def check_writable(path: Path) -> None:
     behind: a folder that does not exist yet is probed in its nearest existing parent and created by the write."""
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a leaderboard file: name a .parquet file inside it")
+    check_leaderboard_name(path)
     existing = next(folder for folder in path.parents if folder.exists())
     if not existing.is_dir():
         raise UserError(f"cannot write {path}: {existing} is a file, not a folder")
@@ -244,13 +253,7 @@ def new_file_mode(path: Path) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
-        return 0o666 & ~current_umask()
-
-
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+        return new_file_permissions()
 
 
 def stage(path: Path, write: Callable[[str], None]) -> str:
@@ -314,6 +317,7 @@ def update(path: Path, change: Callable[[Contents], Contents]) -> Contents:
     units_file, examples_file = units_path(path), examples_path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a leaderboard file: name a .parquet file inside it")
+    check_leaderboard_name(path)
     with _locked(path):
         _remove_stale_temporaries(path, units_file, examples_file)
         rows = read_table(path) if path.exists() else LEADERBOARD_SCHEMA.empty_table().to_pandas()

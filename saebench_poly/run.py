@@ -28,6 +28,7 @@ from saebench_poly import checkpoint, leaderboard
 from saebench_poly.activations import ScoredEntry, fit_baselines, score
 from saebench_poly.errors import UserError
 from saebench_poly.example_windows import stored_examples
+from saebench_poly.files import current_umask, with_new_file_permissions
 from saebench_poly.inputs import Inputs
 from saebench_poly.metrics import build_accumulator, resolve_metric_options, resolve_metrics
 from saebench_poly.metrics.base import ExampleWindows
@@ -48,6 +49,11 @@ TRAINING_RECORD = "training.json"
 # rows and the stored examples' windows), then the stored examples' rows (benchmarks/perf/ time them by these names).
 CHARACTERISTIC_EXAMPLES_TASK = "characteristic examples"
 STORED_EXAMPLES_TASK = "stored examples"
+
+
+def scoring_task(entries: int) -> str:
+    """The description of the pass's progress: "scoring 1 entry", "scoring 8 entries"."""
+    return f"scoring {entries} {'entry' if entries == 1 else 'entries'}"
 
 
 class Executor(Protocol):
@@ -232,7 +238,7 @@ def _score_here(prepared: PreparedRun, reporter: Reporter, every: int, resume: b
                         f"contexts, the data now {before:,}: run without --resume to start over")
     if every:
         batches = checkpoint.checkpointed(batches, every, start, _checkpoint_writer(path, ident, scored, reporter))
-    with reporter.task(f"scoring {len(scored)} entries", inputs.tokens_in("score")) as advance:
+    with reporter.task(scoring_task(len(scored)), inputs.tokens_in("score")) as advance:
         advance(start.tokens)
         return start.tokens + score(prepared.adapter, scored, batches, advance, first_context=start.contexts,
                                     first_token=start.tokens)
@@ -388,9 +394,10 @@ def _ensure_trained(trained: TrainedSAESpec, loaded: LoadedSpec, adapter: ModelA
                         hook_name=hook, model_name=adapter.model_id)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{trained.name}.", dir=folder.parent))
-    staging.chmod(0o777 & ~leaderboard.current_umask())  # mkdtemp's 0700 would hide the SAE from other users
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the SAE from other users
     sae.save_model(staging)
     (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+    with_new_file_permissions(staging)
     if folder.exists():
         shutil.rmtree(folder)
     staging.rename(folder)

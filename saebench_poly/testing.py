@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 
+from saebench_poly.files import with_new_file_permissions
 from saebench_poly.regression import Tolerance, check, load_candidate
 from saebench_poly.results import Results
 from saebench_poly.threads import single_thread
@@ -89,6 +90,7 @@ def train_toy_sae(spec: str | Path, folder: str | Path, architecture: str = "top
     data = toy_activations(spec, training_samples, batch_size, hook)
     sae = train_sae(cfg, adapter.hook_width(hook), data, hook_name=hook, model_name=adapter.model_id)
     sae.save_model(Path(folder))
+    with_new_file_permissions(Path(folder))
     return Path(folder)
 
 

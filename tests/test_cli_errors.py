@@ -82,6 +82,12 @@ def test_an_output_under_a_file_is_refused_before_the_pass(tl_spec, run_cli, tmp
     assert code == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in error_line(err) and "loading the" not in err
 
 
+def test_an_output_that_is_not_a_parquet_file_name_is_refused(tl_spec, run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli("run", str(tl_spec(tokens=50)), "--output", str(tmp_path / "res.csv"))
+    assert code == 2 and "is not a .parquet file name" in error_line(err) and "name it res.parquet" in err
+    assert not list(tmp_path.glob("res*"))
+
+
 def test_data_that_leave_no_token_to_score_are_one_line_and_leave_nothing(tl_spec, run_cli, tmp_path: Path) -> None:
     import pandas as pd
 
@@ -98,6 +104,10 @@ def test_data_that_leave_no_token_to_score_are_one_line_and_leave_nothing(tl_spe
     [
         (["run", "no-such-benchmark"], "no spec file or benchmark named 'no-such-benchmark'"),
         (["run", "--device", "cuda:0"], "no CUDA GPU"),
+        (["run", "--examples", "-1"], "Invalid value for '--examples'"),
+        (["run", "--tokenz", "5"], "No such option: --tokenz"),
+        (["check", "x"], "Missing option '--baseline'"),
+        (["nosuch"], "No such command 'nosuch'"),
     ],
 )
 def test_bad_arguments_are_one_line(args: list[str], message: str, run_cli, monkeypatch) -> None:

@@ -284,6 +284,22 @@ def test_outputs_are_0644_when_new_and_keep_the_mode_they_replace(saebench_toy_s
         os.umask(previous)
 
 
+def test_weights_are_written_as_readable_as_their_config(tmp_path: Path) -> None:
+    """safetensors 0.8 creates its files 0600; the weights saebench-poly writes get what ``open`` gives cfg.json."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from saebench_poly.models.hooked import save_hooked_transformer
+
+    previous = os.umask(0o022)
+    try:
+        cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, n_heads=2, d_vocab=16, act_fn="relu")
+        folder = save_hooked_transformer(HookedTransformer(cfg), tmp_path / "model")
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {
+            p.name: 0o644 for p in folder.iterdir()}
+    finally:
+        os.umask(previous)
+
+
 # --- 4. comparable means the same inputs -------------------------------------------------------------------------
 
 

@@ -97,15 +97,30 @@ def load_hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) ->
         config_file = cached_file(cfg.name, "config.json", revision=cfg.revision)
         config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=False)
         model_class = _model_class(config, options.auto_class, cfg.name)
-        model = model_class.from_pretrained(
-            cfg.name, revision=cfg.revision, config=config, dtype=dtype, use_safetensors=True
-        )
+        with _no_loading_bar():
+            model = model_class.from_pretrained(
+                cfg.name, revision=cfg.revision, config=config, dtype=dtype, use_safetensors=True
+            )
     with _hub_errors(cfg, f"the tokenizer of model {cfg.name!r}"):
         tokenizer = _load_tokenizer(cfg)
     # For hub models the cached config sits under snapshots/<commit>/: that commit pins the weights for provenance.
     # A local folder has no commit: its revision is the sha256 of what it holds.
     revision = content_sha256(Path(cfg.name)) if Path(cfg.name).is_dir() else extract_commit_hash(config_file, None) or cfg.revision
     return HFModelAdapter(model.to(device), tokenizer, model_id=cfg.name, revision=revision)
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' own "Loading weights" progress bar off while the model loads (the run reports its stages)."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 class HFModelAdapter(ModelAdapter):

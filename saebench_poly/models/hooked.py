@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saebench_poly.errors import UserError, first_line
+from saebench_poly.files import with_new_file_permissions
 from saebench_poly.hub import is_offline_error
 from saebench_poly.integrity import content_sha256
 from saebench_poly.models.base import (
@@ -73,6 +74,7 @@ def save_hooked_transformer(model: Any, folder: str | Path) -> Path:
     config = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v) for k, v in model.cfg.to_dict().items()}
     (folder / CONFIG_FILENAME).write_text(json.dumps(config, indent=1, default=str))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILENAME)
+    with_new_file_permissions(folder / WEIGHTS_FILENAME)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(folder)
     return folder

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saebench_poly.errors import UserError, first_line
+from saebench_poly.files import with_new_file_permissions
 from saebench_poly.models.base import (
     CONFIG_FILENAME,
     WEIGHTS_FILENAME,
@@ -224,6 +225,7 @@ def _train_into(folder: Path, cfg: IncidentalConfig) -> None:
     with tqdm(total=len(cfg.pairs) * cfg.steps, desc="training the incidental models", unit="step", disable=None) as bar:
         trained = {hook_name(n, m): train_pair(n, m, cfg, bar.update).contiguous() for n, m in cfg.pairs}
     save_file(trained, staging / WEIGHTS_FILENAME)
+    with_new_file_permissions(staging / WEIGHTS_FILENAME)
     (staging / CONFIG_FILENAME).write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
     if folder.exists():
         folder.rmdir()

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saebench_poly.errors import UserError
+from saebench_poly.files import with_new_file_permissions
 from saebench_poly.models.base import (
     CONFIG_FILENAME,
     WEIGHTS_FILENAME,
@@ -131,6 +132,7 @@ def save_toy_model(model: ToySuperpositionModel, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(weights, folder / WEIGHTS_FILENAME)
+    with_new_file_permissions(folder / WEIGHTS_FILENAME)
     (folder / CONFIG_FILENAME).write_text(json.dumps(model.cfg.model_dump(), indent=2) + "\n")
 
 
