@@ -89,13 +89,27 @@ def bare_pass(loaded, device: torch.device) -> tuple[int, float]:
     return tokens, elapsed()
 
 
+class StagePrinter:
+    """A `saebench_poly.run.Reporter` that prints each stage's wall time as it ends (so that a run stopped at a time
+    limit still says where its time went)."""
+
+    @contextmanager
+    def task(self, description: str, total: int | None):
+        start = time.perf_counter()
+        yield lambda _n: None
+        print(f"    {description}: {time.perf_counter() - start:.2f} s", flush=True)
+
+    def message(self, text: str) -> None:
+        pass
+
+
 def full_pass(loaded) -> tuple[int, float]:
-    """`run_benchmark` as the CLI runs it (without the progress display): tokens, seconds."""
+    """`run_benchmark` as the CLI runs it (its stages' times printed as they end): tokens, seconds."""
     from saebench_poly.run import run_benchmark
 
     device = torch.device(loaded.spec.device)
     with timed(device) as elapsed:
-        result = run_benchmark(loaded)
+        result = run_benchmark(loaded, StagePrinter())
     return result.tokens_scored, elapsed()
 
 
@@ -138,11 +152,13 @@ def main() -> None:
         device = torch.device(args.device)
         bare_pass(loaded, device)  # warm-up: first-call allocations and kernel selection
         bare_tokens, bare_seconds = bare_pass(loaded, device)
+        bare_rate = bare_tokens / bare_seconds
+        print(f"device {args.device}, {args.dtype}; model {args.layers} layers x d_model {args.d_model}, 2 TopK SAEs of "
+              f"{args.d_sae} latents at {', '.join(hooks)}; {bare_tokens} tokens")
+        print(f"(a) bare pass (forward + SAE encode/decode): {bare_rate:12,.0f} tokens/s", flush=True)
+        print("(b) full run pass, by stage:", flush=True)
         full_tokens, full_seconds = full_pass(loaded)
-    bare_rate, full_rate = bare_tokens / bare_seconds, full_tokens / full_seconds
-    print(f"device {args.device}, {args.dtype}; model {args.layers} layers x d_model {args.d_model}, 2 TopK SAEs of {args.d_sae} "
-          f"latents at {', '.join(hooks)}; {bare_tokens} tokens")
-    print(f"(a) bare pass (forward + SAE encode/decode): {bare_rate:12,.0f} tokens/s")
+    full_rate = full_tokens / full_seconds
     print(f"(b) full run pass (all entries and metrics): {full_rate:12,.0f} tokens/s")
     print(f"ratio full / bare: {full_rate / bare_rate:.3f}  (bare is {bare_rate / full_rate:.1f}x faster)")
 
