@@ -64,9 +64,10 @@ class _Command(typer.core.TyperCommand):
                 for piece in super().collect_usage_pieces(ctx)]
 
 
-# click's UsageError (a bad option, a missing argument, an unknown command), found from typer's public BadParameter:
-# typer vendors its own click, whose classes are not click's
-USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+# click's UsageError (a bad option, a missing argument, an unknown command) and ClickException (any error click
+# reports itself), found from typer's public BadParameter: typer vendors its own click, whose classes are not click's
+USAGE_ERROR, CLICK_ERROR = (next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == name)
+                            for name in ("UsageError", "ClickException"))
 
 
 class _Escaped(Exception):  # noqa: N818 - a carrier, not an error of its own
@@ -114,9 +115,11 @@ class RichReporter:
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        description = TextColumn("{task.description}", markup=False)
         if total is None:  # a stage of unknown length: how long it has taken, not a count out of "?"
-            columns = [TextColumn("{task.description}", markup=False), TimeElapsedColumn()]
+            columns = [description, TimeElapsedColumn()]
+        else:
+            columns = [description, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
             task_id = progress.add_task(printable(description), total=total)
             yield lambda n: progress.advance(task_id, n)
@@ -431,13 +434,14 @@ def main() -> None:
     except UserError as err:
         err_console.print(f"saebench-poly: error: {printable(err)}", soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
-    except USAGE_ERROR as err:
+    except CLICK_ERROR as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # `saebench-poly` alone: the help, as click shows it
             err.show()
             sys.exit(err.exit_code)
-        where = err.ctx.command_path if err.ctx is not None else "saebench-poly"
-        err_console.print(f"saebench-poly: error: {printable(err.format_message())}; see {where} --help",
-                          soft_wrap=True)
+        message = err.format_message().rstrip(".")
+        if isinstance(err, USAGE_ERROR):
+            message += f"; see {err.ctx.command_path if err.ctx is not None else 'saebench-poly'} --help"
+        err_console.print(f"saebench-poly: error: {printable(message)}", soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
     except (KeyboardInterrupt, _Escaped, typer.Abort) as err:
         cause = err.__cause__ if isinstance(err, (_Escaped, typer.Abort)) else err

@@ -179,19 +179,20 @@ def check_leaderboard_name(path: Path) -> None:
 
 def check_writable(path: Path) -> None:
     """Before a run, so that a long pass is not lost to its last step: refuse in one line a leaderboard that could
-    not be written, a folder, a path under a file, a folder that cannot be written (probed with a temporary file,
-    removed at once), or existing tables that `update` would refuse to read (their schemas only). Nothing is left
-    behind: a folder that does not exist yet is probed in its nearest existing parent and created by the write."""
-    if path.is_dir():
-        raise UserError(f"{path} is a folder, not a leaderboard file: name a .parquet file inside it")
-    check_leaderboard_name(path)
-    existing = next(folder for folder in path.parents if folder.exists())
-    if not existing.is_dir():
-        raise UserError(f"cannot write {path}: {existing} is a file, not a folder")
+    not be written, a folder, a name that is not ``.parquet``, a path under a file, a folder that cannot be entered
+    or written (probed with a temporary file, removed at once), or existing tables that `update` would refuse to
+    read (their schemas only). Nothing is left behind: a folder that does not exist yet is probed in its nearest
+    existing parent and created by the write."""
     try:
+        if path.is_dir():
+            raise UserError(f"{path} is a folder, not a leaderboard file: name a .parquet file inside it")
+        check_leaderboard_name(path)
+        existing = next(folder for folder in path.parents if folder.exists())
+        if not existing.is_dir():
+            raise UserError(f"cannot write {path}: {existing} is a file, not a folder")
         tempfile.TemporaryFile(dir=existing, prefix=".saebench-tmp-").close()
     except OSError as err:
-        raise UserError(f"cannot write {path}: {existing} does not take new files ({err.strerror or first_line(err)})") from None
+        raise UserError(f"cannot write {path}: {err.strerror or first_line(err)}") from None
     for table, schema in ((path, LEADERBOARD_SCHEMA), (units_path(path), UNITS_SCHEMA), (examples_path(path), EXAMPLES_SCHEMA)):
         if table.exists():
             check_schema(table, schema)

@@ -342,6 +342,11 @@ def check(candidate: str | Path | Results, baseline: str | Path, spec_path: Path
                         "at a file of its own (a leaderboard entry changes only through submit --replace)")
     if not baseline_path.exists() and not update_baseline:
         raise UserError(f"the baseline {baseline_path} does not exist: create it on purpose with --update-baseline")
+    # what will be written is checked before a checkpoint is scored
+    if update_baseline:
+        leaderboard.check_writable(baseline_path)
+    if report_dir is not None:
+        leaderboard.check_writable(report_dir / CANDIDATE_NAME)
     theirs = None
     if baseline_path.exists():
         theirs = read_results(baseline)

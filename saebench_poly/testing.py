@@ -89,8 +89,7 @@ def train_toy_sae(spec: str | Path, folder: str | Path, architecture: str = "top
     hook = hook or (loaded.hooks[0] if loaded.hooks else adapter.hook_names()[0])
     data = toy_activations(spec, training_samples, batch_size, hook)
     sae = train_sae(cfg, adapter.hook_width(hook), data, hook_name=hook, model_name=adapter.model_id)
-    sae.save_model(Path(folder))
-    with_new_file_permissions(Path(folder))
+    with_new_file_permissions(*sae.save_model(Path(folder)))  # the weights and cfg.json it wrote
     return Path(folder)
 
 

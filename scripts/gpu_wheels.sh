@@ -3,16 +3,16 @@
 # the versions this checkout's .venv runs, so that `scripts/gpu_check.sh` can install them there with no network.
 # The machine's image already has torch, transformers' own dependencies, numpy, pandas, pyarrow, safetensors,
 # tokenizers, einops, jaxtyping, typer, rich, filelock and pytest (/work/.library/device/KINDS.md); these are what
-# `import saebench_poly.cli, sae_lens, transformer_lens` and a run import besides (about 47 MB; a device call carries
-# at most 64 MiB with the working tree). transformers and huggingface_hub come along at this checkout's versions,
-# the ones the test suite passes with.
+# `import saebench_poly.cli, sae_lens, transformer_lens` and a run import besides. transformers, huggingface_hub and
+# accelerate come along at this checkout's versions, the ones the test suite passes with. A device call carries at
+# most 64 MiB with the working tree: the script prints the wheels' size.
 #
 #     make install && scripts/gpu_wheels.sh      # then: the device tool's run with carry [".whl"], see gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=.venv/bin/python
 DISTRIBUTIONS=(
-  sae-lens transformer-lens transformers huggingface_hub datasets pydantic pydantic_core annotated-types
+  sae-lens transformer-lens transformers huggingface_hub accelerate datasets pydantic pydantic_core annotated-types
   typing-inspection better-abc fancy-einsum beartype typeguard simple-parsing docstring_parser dill multiprocess
   platformdirs kernels httpx2 httpcore2 trio outcome sniffio truststore PySocks wandb googleapis-common-protos
   opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions

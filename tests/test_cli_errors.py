@@ -88,6 +88,12 @@ def test_an_output_that_is_not_a_parquet_file_name_is_refused(tl_spec, run_cli, 
     assert not list(tmp_path.glob("res*"))
 
 
+def test_check_refuses_a_baseline_it_could_not_write_before_scoring(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli("check", str(tmp_path / "no-checkpoint-yet"), "--baseline", str(tmp_path / "base.pq"),
+                           "--update-baseline")
+    assert code == 2 and "base.pq is not a .parquet file name" in error_line(err)
+
+
 def test_data_that_leave_no_token_to_score_are_one_line_and_leave_nothing(tl_spec, run_cli, tmp_path: Path) -> None:
     import pandas as pd
 

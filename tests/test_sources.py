@@ -85,8 +85,10 @@ def test_a_trainers_mid_training_checkpoint_reads_raw_activations(adapter, tmp_p
     torch.testing.assert_close(entry.encode(x), z, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entry.decode(entry.encode(x)), scaler.unscale(trained.decode(z)), rtol=1e-5, atol=1e-5)
     assert entry.weights_sha256() != hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest()
-    (folder / "activation_scaler.json").unlink()
-    with pytest.raises(UserError, match=f"normalize_activations = '{mode}' but has no activation_scaler.json"):
+    # without the statistics the SAE cannot be scored: the file that holds them is named
+    missing = "activation_whitening.safetensors" if mode == "covariance_whitening" else "activation_scaler.json"
+    (folder / missing).unlink()
+    with pytest.raises(UserError, match=f"normalize_activations = '{mode}' but lacks .*{missing}"):
         load_entry("disk:checkpoint", context(adapter, tmp_path))
 
 

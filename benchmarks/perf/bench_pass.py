@@ -89,18 +89,19 @@ def bare_pass(loaded, device: torch.device) -> tuple[int, float]:
     return tokens, elapsed()
 
 
-class StagePrinter:
-    """A `saebench_poly.run.Reporter` that prints each stage's wall time as it ends (so that a run stopped at a time
-    limit still says where its time went)."""
+def _stage_printer(device: torch.device):
+    """A `saebench_poly.run.Reporter` that prints each stage's wall time as it ends, after a CUDA synchronisation on
+    a GPU (so that a run stopped at a time limit still says where its time went)."""
+    from saebench_poly.run import Reporter
 
-    @contextmanager
-    def task(self, description: str, total: int | None):
-        start = time.perf_counter()
-        yield lambda _n: None
-        print(f"    {description}: {time.perf_counter() - start:.2f} s", flush=True)
+    class StagePrinter(Reporter):
+        @contextmanager
+        def task(self, description: str, total: int | None):
+            with timed(device) as elapsed:
+                yield lambda _n: None
+            print(f"    {description}: {elapsed():.2f} s", flush=True)
 
-    def message(self, text: str) -> None:
-        pass
+    return StagePrinter()
 
 
 def full_pass(loaded) -> tuple[int, float]:
@@ -109,7 +110,7 @@ def full_pass(loaded) -> tuple[int, float]:
 
     device = torch.device(loaded.spec.device)
     with timed(device) as elapsed:
-        result = run_benchmark(loaded, StagePrinter())
+        result = run_benchmark(loaded, _stage_printer(device))
     return result.tokens_scored, elapsed()
 
 

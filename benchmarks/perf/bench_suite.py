@@ -369,7 +369,7 @@ BETWEEN = "outside the stages (loading, compute, write)"
 
 def peak_rss(case: str, args: argparse.Namespace, tokens: int) -> dict[str, float]:
     """Peak resident memory (GiB) of a fresh process that runs the full suite of ``case`` on ``tokens`` tokens."""
-    command = [sys.executable, __file__, "--child-rss", case, "--threads", str(args.threads), "--context", str(args.context),
+    command = [sys.executable, __file__, "--child-rss", case, "--threads", str(args.threads or 1), "--context", str(args.context),
                "--batch-size", str(args.batch_size), "--bert-d-sae", str(args.bert_d_sae), "--tokens", str(tokens)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -404,7 +404,8 @@ def main() -> None:
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS of the full suite at 1x and 10x")
     parser.add_argument("--rss-tokens", type=int, default=4_096)
     parser.add_argument("--rss-only", action="store_true", help="measure only the peak RSS (no timings)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is wall time, idle)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default 1 on the CPU, where CPU time is then wall time; torch's own on a GPU)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default=None,
                         help="process CPU time (robust to other processes on a shared machine), wall time, or wall "
                              "time after a CUDA synchronisation (the default, and the only choice, on a GPU); "
@@ -422,7 +423,10 @@ def main() -> None:
     args.clock = args.clock or ("cuda" if on_gpu else "cpu")
     global clock
     clock = CLOCKS[args.clock]
-    torch.set_num_threads(args.threads)
+    if args.threads is None and not on_gpu:
+        args.threads = 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.child_rss:
         child_rss(args.child_rss, args)
         return

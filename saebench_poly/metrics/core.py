@@ -79,6 +79,8 @@ class Reconstruction(Accumulator):
     - relative_l2_error = mean over tokens with x_t != 0 of ||x_t - x_hat_t|| / ||x_t||;
     - l2_norm_ratio = mean over tokens with x_t != 0 of ||x_hat_t|| / ||x_t|| (SAEBench's l2_ratio; 1 is ideal,
       below 1 is shrinkage).
+
+    A mean over no token is NaN: every metric when no token was scored; the last three when every x_t = 0.
     """
 
     metrics = (
@@ -138,7 +140,7 @@ class Reconstruction(Accumulator):
     def compute(self) -> dict[str, float]:
         """The means; NaN where no token enters them (no token at all, or, for the per-token ratios, no x != 0)."""
         if self.tokens == 0:
-            return dict.fromkeys(("mse", "fvu", "cosine_similarity", "relative_l2_error", "l2_norm_ratio"), math.nan)
+            return {spec.name: math.nan for spec in self.metrics}
         total_variance = float(self.m2.sum())
         nonzero = self.nonzero_tokens or math.nan
         return {

@@ -6,6 +6,8 @@ zero-ablating the hook. Positions counted: scored positions that have a next tok
 - kl_divergence = mean_t KL(p_clean(t) || p_spliced(t))      (nats per token)
 - ce_loss_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean), the means over the same positions
   (1: as good as the clean model; 0: as bad as zero-ablation). Defined as in SAEBench's core eval.
+
+With no counted position (no scored position has a next token) all three are NaN.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ the end of training)."""
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -27,8 +28,8 @@ TRAINER_NORMALISATIONS = ("expected_average_only_in", "covariance_whitening")
 
 def load_disk(argument: str, context: SourceContext) -> SAEEntry:
     """A sae-lens checkpoint folder; relative paths resolve against the spec's folder. The recorded sha256 is
-    that of ``sae_weights.safetensors``, or, when the trainer's normalisation is folded in, that of the folded
-    weights (`tensors_sha256`)."""
+    that of ``sae_weights.safetensors``, or, when the trainer's normalisation statistics are folded in, the sha256 of
+    the space-joined sha256s of the weights file and the statistics' files."""
     folder = checkpoint_folder(argument, context, "SAE checkpoint")
     for name in (SAE_CONFIG_FILENAME, SAE_WEIGHTS_FILENAME):
         if not (folder / name).is_file():
@@ -36,7 +37,7 @@ def load_disk(argument: str, context: SourceContext) -> SAEEntry:
     try:
         architecture = json.loads((folder / SAE_CONFIG_FILENAME).read_text()).get("architecture", "standard")
         sae = _load_inference_sae(folder, architecture, context.device)
-        folded = _fold_trainer_normalisation(sae, folder)
+        statistics = _fold_trainer_normalisation(sae, folder)
     except UserError:
         raise
     except json.JSONDecodeError as err:
@@ -44,8 +45,10 @@ def load_disk(argument: str, context: SourceContext) -> SAEEntry:
     except Exception as err:  # noqa: BLE001 - a broken checkpoint can fail anywhere inside sae-lens
         raise UserError(f"SAE checkpoint {folder} could not be loaded: {first_line(err)}") from None
     uri = f"disk:{argument}"
-    sha256 = None if folded else file_sha256(folder / SAE_WEIGHTS_FILENAME)
-    return checked_entry(sae, name=folder.name, uri=uri, context=context, sha256=sha256)
+    weights = file_sha256(folder / SAE_WEIGHTS_FILENAME)
+    if statistics:  # the weights scored are these files together: a digest of their digests, the same on any device
+        weights = hashlib.sha256(" ".join([weights, *(file_sha256(file) for file in statistics)]).encode()).hexdigest()
+    return checked_entry(sae, name=folder.name, uri=uri, context=context, sha256=weights)
 
 
 def _load_inference_sae(folder: Path, architecture: str, device: torch.device) -> Any:
@@ -62,35 +65,37 @@ def _load_inference_sae(folder: Path, architecture: str, device: torch.device) -
         return SAE.load_from_disk(converted, device=str(device))
 
 
-def _fold_trainer_normalisation(sae: Any, folder: Path) -> bool:
+def _fold_trainer_normalisation(sae: Any, folder: Path) -> list[Path]:
     """An SAE whose ``normalize_activations`` is one of `TRAINER_NORMALISATIONS` reads activations scaled (x s) or
     whitened ((x - mean) M) by statistics that sae-lens's trainer saves beside a mid-training checkpoint, not in the
     SAE (its own normalisation is then the identity). Fold them into the weights with sae-lens's
     `fold_activation_norm_scaling_factor` / `fold_activation_whitening`, as `SAETrainer.fit` does after training,
-    so that the SAE reads raw activations; without them the SAE cannot be scored. Returns whether it folded."""
-    from sae_lens.constants import ACTIVATION_SCALER_CFG_FILENAME
+    so that the SAE reads raw activations; without them the SAE cannot be scored. Returns the statistics' files
+    (none when there is nothing to fold)."""
+    from sae_lens.constants import ACTIVATION_SCALER_CFG_FILENAME, ACTIVATION_WHITENING_FILENAME
     from sae_lens.training.activation_scaler import ActivationScaler
 
     mode = sae.cfg.normalize_activations
     if mode not in TRAINER_NORMALISATIONS:
-        return False
-    scaler_file = folder / ACTIVATION_SCALER_CFG_FILENAME
-    if not scaler_file.is_file():
-        raise UserError(f"SAE checkpoint {folder} says normalize_activations = {mode!r} but has no "
-                        f"{ACTIVATION_SCALER_CFG_FILENAME} with its statistics: score the SAE that training returns "
-                        "(sae-lens folds them into its weights), or put the trainer's file beside cfg.json")
+        return []
+    scaler_file, whitening_file = folder / ACTIVATION_SCALER_CFG_FILENAME, folder / ACTIVATION_WHITENING_FILENAME
+    needed = {"expected_average_only_in": f"the scaling factor in {ACTIVATION_SCALER_CFG_FILENAME}",
+              "covariance_whitening": f"{ACTIVATION_SCALER_CFG_FILENAME} and the whitening in {ACTIVATION_WHITENING_FILENAME}"}[mode]
     scaler = ActivationScaler()
-    scaler.load(scaler_file)
-    if scaler.scaling_factor is None and scaler.whitening is None:
-        raise UserError(f"SAE checkpoint {folder} says normalize_activations = {mode!r} but its "
-                        f"{ACTIVATION_SCALER_CFG_FILENAME} holds no statistics (no scaling factor, no whitening)")
+    if scaler_file.is_file():
+        scaler.load(scaler_file)
+    statistic = scaler.scaling_factor if mode == "expected_average_only_in" else scaler.whitening
+    if statistic is None:
+        raise UserError(f"SAE checkpoint {folder} says normalize_activations = {mode!r} but lacks {needed}, which "
+                        "sae-lens's trainer writes beside a checkpoint: score the SAE that training returns (sae-lens "
+                        "folds them into its weights), or put the trainer's files beside cfg.json")
     if scaler.scaling_factor is not None:
         sae.fold_activation_norm_scaling_factor(scaler.scaling_factor)
     if scaler.whitening is not None:
         whitening = scaler.whitening
         sae.fold_activation_whitening(mean=whitening.mean, whitening_matrix=whitening.matrix,
                                       unwhitening_matrix=whitening.inverse_matrix)
-    return True
+    return [file for file in (scaler_file, whitening_file) if file.is_file()]
 
 
 def load_pretrained(argument: str, context: SourceContext) -> SAEEntry:
