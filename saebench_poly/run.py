@@ -142,6 +142,12 @@ def prepare_run(loaded: LoadedSpec, reporter: Reporter | None = None,
     if not kwargs_chosen:
         _check_model_kwargs(loaded, entries)
     _check_metrics_apply(spec, metrics, entries, adapter, reporter)
+    for caveat in dict.fromkeys(filter(None, (adapter.units_caveat(entry.hook) for entry in entries))):
+        reporter.message(f"note: {caveat}")
+    if "neurons" in spec.baselines:
+        for hook in dict.fromkeys(e.hook for e in entries if e.kind == "sae" and adapter.comparison_neuron_hook(e.hook) is None):
+            reporter.message(f"note: no MLP neurons to compare with the SAEs at {hook}: the model has no hook of them "
+                             "in that layer (one elementwise activation module); name their hook in `hooks` if it has one")
     if entry_names is not None:
         kept = set(entry_names)
         entries = [entry for entry in entries if entry.name in kept]

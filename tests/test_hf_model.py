@@ -196,6 +196,10 @@ def test_comparison_neurons_and_their_input_map(gpt2, bert, folders):
         "encoder.layer.0.intermediate.dense"
     )
     assert llama.neuron_input_module("model.layers.0.mlp.act_fn").module == "model.layers.0.mlp.gate_proj"
+    # a gated MLP's activation module is its gate only: the run says so; GPT-2's and BERT's neurons need no caveat
+    assert "not its product with model.layers.0.mlp.up_proj(x)" in llama.units_caveat("model.layers.0.mlp.act_fn")
+    assert gpt2.units_caveat("transformer.h.1.mlp.act") is None and llama.units_caveat("model.layers.1") is None
+    assert bert.units_caveat("encoder.layer.0.intermediate.intermediate_act_fn") is None
     assert gpt2.neuron_input_module("transformer.h.1") is None
     # BERT's intermediate returns its GELU's output tensor: the same neurons, under the spec's name
     assert bert.units_of("encoder.layer.0.intermediate") == "encoder.layer.0.intermediate.intermediate_act_fn"

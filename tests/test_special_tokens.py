@@ -149,3 +149,14 @@ shuffle_buffer = 0
     examples = [e for unit in units["central_examples"] if unit is not None for e in unit]
     assert examples and all(int(contexts[e["context"], e["position"]]) >= 5 for e in examples)
     assert all(e["position"] > 0 for e in examples)
+
+
+def test_a_list_of_end_of_sequence_ids_in_a_config_names_every_one() -> None:
+    """Llama 3's config names several ``eos_token_id``s; each is a special token (was: the list was skipped)."""
+    from types import SimpleNamespace
+
+    from saebench_poly.models.base import special_token_ids
+
+    config = SimpleNamespace(eos_token_id=[128001, 128008, 128009], bos_token_id=128000, pad_token_id=None)
+    assert special_token_ids(config) == {128000, 128001, 128008, 128009}
+    assert special_token_ids(SimpleNamespace(eos_token_id=True)) == set()  # a flag is not an id

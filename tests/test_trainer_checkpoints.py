@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -159,6 +160,11 @@ def test_sparsify_hookpoints_map_to_the_models_hooks(adapter) -> None:
 
     assert [module_output_hook(adapter, p) for p in ("layers.1", "h.0.mlp", "layers.0.self_attn", "embed_tokens", "lm_head")] == [
         RESID1, "blocks.0.hook_mlp_out", "blocks.0.hook_attn_out", "hook_embed", None]
+    # after Gemma-2-style post-norms, hook_mlp_out and hook_attn_out are not the modules' raw outputs: no mapping
+    post_norm = SimpleNamespace(family="transformer_lens", model=SimpleNamespace(cfg=SimpleNamespace(
+        use_normalization_before_and_after=True)))
+    assert [module_output_hook(post_norm, p) for p in ("layers.1", "layers.0.mlp", "layers.0.self_attn")] == [
+        RESID1, None, None]
     gpt2 = HFModelAdapter(GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16)), None, "gpt2")
     assert [module_output_hook(gpt2, p) for p in ("h.1", "layers.1", "layers.0.mlp", "wte", "nowhere")] == [
         "transformer.h.1", "transformer.h.1", "transformer.h.0.mlp", "transformer.wte", None]

@@ -56,13 +56,15 @@ SPECIAL_TOKEN_ATTRIBUTES = ("bos_token_id", "eos_token_id", "pad_token_id", "sep
 
 
 def special_token_ids(*holders: Any) -> set[int]:
-    """The ids that the `SPECIAL_TOKEN_ATTRIBUTES` of ``holders`` (tokenizers, model configs; None is skipped) name."""
+    """The ids that the `SPECIAL_TOKEN_ATTRIBUTES` of ``holders`` (tokenizers, model configs; None is skipped) name,
+    one id or a list of them (a config's ``eos_token_id = [128001, 128009]``, Llama 3)."""
     found = set()
     for holder in holders:
         for attribute in SPECIAL_TOKEN_ATTRIBUTES:
-            token_id = getattr(holder, attribute, None) if holder is not None else None
-            if isinstance(token_id, int):
-                found.add(token_id)
+            named = getattr(holder, attribute, None) if holder is not None else None
+            for token_id in named if isinstance(named, (list, tuple)) else [named]:
+                if isinstance(token_id, int) and not isinstance(token_id, bool):
+                    found.add(token_id)
     return found
 
 
@@ -135,6 +137,10 @@ class ModelAdapter(ABC):
 
     def comparison_neuron_hook(self, hook: str) -> str | None:
         """The hook of the raw neurons that an SAE at ``hook`` is compared with (None if the model has none)."""
+        return None
+
+    def units_caveat(self, hook: str) -> str | None:
+        """What a user must know about the units at ``hook`` that its name does not say (a run prints it), or None."""
         return None
 
     def forward_with_replacement(

@@ -15,7 +15,7 @@ Neurons (`HFModelAdapter.comparison_neuron_hook`): the MLP neurons of layer ``L`
 outermost ``ModuleList`` on the hook's path) are the output of the layer's only elementwise activation module, e.g.
 ``transformer.h.L.mlp.act`` (GPT-2), ``bert.encoder.layer.L.intermediate.intermediate_act_fn`` (BERT),
 ``model.layers.L.mlp.act_fn`` (Llama). For gated MLPs (Llama) that is ``act(gate_proj(x))``, before the product with
-``up_proj``: no module outputs the product.
+``up_proj``: no module outputs the product (`HFModelAdapter.units_caveat` says so, and a run prints it).
 """
 
 from __future__ import annotations
@@ -216,6 +216,24 @@ class HFModelAdapter(ModelAdapter):
                 bias = None if child.bias is None else child.bias.detach()
                 return NeuronInput(module=f"{parent}.{name}" if parent else name, weight=weight.detach(), bias=bias)
         return None
+
+    def units_caveat(self, hook: str) -> str | None:
+        """For the activation module of a gated MLP (a sibling linear map besides the one that feeds it has its
+        width: Llama's ``up_proj`` beside ``gate_proj``): its output is act(gate(x)), not the product with the other
+        map that the down projection reads, which no module outputs."""
+        linear = self.neuron_input_module(hook)
+        if linear is None:
+            return None
+        hook = self._neuron_aliases.get(hook, hook)
+        parent = linear.module.rpartition(".")[0]
+        others = [f"{parent}.{name}" if parent else name for name, child in self._modules[parent].named_children()
+                  if isinstance(child, (nn.Linear, Conv1D)) and f"{parent}.{name}" != linear.module
+                  and (child.weight.T if isinstance(child, Conv1D) else child.weight).shape[0] == self._widths[hook]]
+        if not others:
+            return None
+        return (f"{hook} is the gate of a gated MLP, act({linear.module}(x)), not its product with {others[0]}(x) "
+                "that the down projection reads (transformer-lens's blocks.L.mlp.hook_post): its neurons row, and an "
+                "SAE placed there, see the gate only")
 
     def neuron_inputs(self, hook: str) -> UnitInputs | None:
         """The neurons at an activation module, in the convention of transformer-lens's neurons (one convention for

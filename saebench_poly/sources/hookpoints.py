@@ -13,7 +13,9 @@ one row of `MODULE_HOOKS` per model family:
 - ``transformer_lens``: ``<blocks>.N`` -> ``blocks.N.hook_resid_post``, ``<blocks>.N.mlp`` ->
   ``blocks.N.hook_mlp_out``, ``<blocks>.N.self_attn`` (or ``attn``, ``attention``) -> ``blocks.N.hook_attn_out``,
   the token embedding module (``embed_tokens``, ``wte``, ``embed_in``, ``embeddings.word_embeddings``) ->
-  ``hook_embed``; ``<blocks>`` is any of ``layers``, ``h``, ``blocks``, ``layer`` (with any prefix).
+  ``hook_embed``; ``<blocks>`` is any of ``layers``, ``h``, ``blocks``, ``layer`` (with any prefix). A model with
+  norms after its MLP and attention (Gemma 2 and 3, ``use_normalization_before_and_after``) has no hook of their
+  raw outputs (``hook_mlp_out`` and ``hook_attn_out`` come after those norms): no mapping there.
 - other families: no mapping (the spec gives the entry's hook).
 
 A transcoder reads a module's input (`module_input_hook`): for ``hf``, the module whose output is that very tensor
@@ -41,6 +43,8 @@ def _transformer_lens_hook(adapter: ModelAdapter, path: str) -> str | None:
         return "hook_embed"
     match = _TL_BLOCK.match(path)
     if match is None:
+        return None
+    if match.group(2) is not None and getattr(adapter.model.cfg, "use_normalization_before_and_after", False):  # type: ignore[attr-defined]
         return None
     return f"blocks.{match.group(1)}.{_TL_PARTS[match.group(2)]}"
 
